@@ -1,0 +1,221 @@
+"""The live item side: factors of every known video, including ones added after training.
+
+A base model's items keep their trained factors. A video announced on the
+``videos`` topic, or first seen in a rating, is registered without a retrain:
+
+* it starts from a **content prior**: the mean factors of the videos that
+  share its category and of those that share its author (the global mean when
+  neither is known);
+* once users have interacted with it, its factors come from an **item-side
+  fold-in** against those users' factors, the same exact ALS solve as a user
+  fold-in with the roles swapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from worker.core.als import F32, ItemIndex, fold_in, gramian
+from worker.core.ids import IdMap
+from worker.core.model import AlsParams, Model
+
+_NONE: tuple[F32, int] = (np.zeros(0, dtype=np.float32), 0)
+
+
+@dataclass
+class _NewVideo:
+    """Bookkeeping for a video added after training."""
+
+    prior: F32
+    interactions: dict[int, float]  # user_idx (in the catalog's user factor space) -> value
+
+
+class Catalog:
+    """Item factors, metadata and the top-k index, growable at run time."""
+
+    def __init__(self, model: Model) -> None:
+        self.params: AlsParams = model.params
+        self.items: IdMap = model.items.copy()
+        n, f = model.item_factors.shape
+        cap = max(16, int(n * 1.25))
+        self._factors = np.zeros((cap, f), dtype=np.float32)
+        self._factors[:n] = model.item_factors
+        self._duration = np.full(cap, np.nan, dtype=np.float32)
+        self._duration[:n] = model.videos.duration_s
+        self._category = np.full(cap, -1, dtype=np.int32)
+        self._category[:n] = model.videos.category
+        self._author = np.full(cap, -1, dtype=np.int32)
+        self._author[:n] = model.videos.author
+        self.categories = IdMap(model.videos.categories)
+        self.authors = IdMap(model.videos.authors)
+        self.popularity: F32 = model.videos.popularity.astype(np.float32).copy()
+        self.popular_order = np.argsort(-self.popularity, kind="stable")
+        self.n_base = n
+        self.new: dict[int, _NewVideo] = {}
+        self.gram: F32 = gramian(model.item_factors)
+        self._index: ItemIndex | None = None
+        self._cat_sum: dict[int, tuple[F32, int]] = _group_sums(
+            model.item_factors, model.videos.category
+        )
+        self._auth_sum: dict[int, tuple[F32, int]] = _group_sums(
+            model.item_factors, model.videos.author
+        )
+        self._global_mean: F32 = (
+            model.item_factors.mean(axis=0).astype(np.float32)
+            if n
+            else np.zeros(f, dtype=np.float32)
+        )
+
+    # ---- read side -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def factors(self) -> F32:
+        """Item factors of all registered videos (a view; do not mutate)."""
+        return self._factors[: len(self.items)]
+
+    def duration_of(self, item_idx: int) -> float | None:
+        d = float(self._duration[item_idx])
+        return None if np.isnan(d) else d
+
+    def category_of(self, item_idx: int) -> int:
+        return int(self._category[item_idx])
+
+    @property
+    def category_codes(self) -> npt.NDArray[np.int32]:
+        return self._category[: len(self.items)]
+
+    def index(self) -> ItemIndex:
+        """The norm-sorted top-k index, rebuilt lazily after item factors change."""
+        if self._index is None:
+            self._index = ItemIndex.build(self.factors)
+        return self._index
+
+    # ---- write side ------------------------------------------------------------------------
+
+    def _grow(self, need: int) -> None:
+        cap = self._factors.shape[0]
+        if need <= cap:
+            return
+        new_cap = max(need, cap * 2)
+
+        def grown(a: npt.NDArray[np.generic], fill: float) -> npt.NDArray[np.generic]:
+            out = np.full((new_cap, *a.shape[1:]), fill, dtype=a.dtype)
+            out[: a.shape[0]] = a
+            return out
+
+        self._factors = grown(self._factors, 0.0)  # type: ignore[assignment]
+        self._duration = grown(self._duration, np.nan)  # type: ignore[assignment]
+        self._category = grown(self._category, -1)  # type: ignore[assignment]
+        self._author = grown(self._author, -1)  # type: ignore[assignment]
+
+    def _set_factor(self, idx: int, vec: F32) -> None:
+        old = self._factors[idx].astype(np.float64)
+        new = vec.astype(np.float64)
+        self.gram = (self.gram.astype(np.float64) + np.outer(new, new) - np.outer(old, old)).astype(
+            np.float32
+        )
+        self._factors[idx] = vec
+        self._index = None
+
+    def ensure(self, video_id: str) -> int:
+        """Index of ``video_id``; an unknown video is registered with the global prior."""
+        idx = self.items.get(video_id)
+        if idx is not None:
+            return idx
+        idx = self.items.add(video_id)
+        self._grow(idx + 1)
+        prior = self._global_mean.copy()
+        self.popularity = np.append(self.popularity, np.float32(0.0))
+        self.popular_order = np.append(self.popular_order, idx)
+        self.new[idx] = _NewVideo(prior=prior, interactions={})
+        self._set_factor(idx, prior)
+        return idx
+
+    def register(self, video_id: str, *, duration_s: float, category: str, author: str) -> int:
+        """Add or update a video's metadata; a new one starts from its content prior."""
+        idx = self.ensure(video_id)
+        self._duration[idx] = duration_s
+        cat = self.categories.add(category)
+        auth = self.authors.add(author)
+        self._category[idx] = cat
+        self._author[idx] = auth
+        entry = self.new.get(idx)
+        if entry is not None:
+            entry.prior = self._content_prior(cat, auth)
+            if not entry.interactions:
+                self._set_factor(idx, entry.prior)
+        return idx
+
+    def _content_prior(self, cat: int, auth: int) -> F32:
+        parts = [
+            total / count
+            for total, count in (self._cat_sum.get(cat, _NONE), self._auth_sum.get(auth, _NONE))
+            if count
+        ]
+        if not parts:
+            return self._global_mean.copy()
+        prior: F32 = np.mean(parts, axis=0).astype(np.float32)
+        return prior
+
+    def note_interaction(self, item_idx: int, user_key: int, value: float) -> bool:
+        """Record a user's current row value for a new video; True when it is a new video."""
+        entry = self.new.get(item_idx)
+        if entry is None:
+            return False
+        if value == 0.0:
+            entry.interactions.pop(user_key, None)
+        else:
+            entry.interactions[user_key] = value
+        return True
+
+    def refit_new_items(
+        self, item_idxs: list[int], user_factor_of: dict[int, F32], user_gram: F32
+    ) -> None:
+        """Item-side fold-in of new videos from the users who interacted with them."""
+        f = self._factors.shape[1]
+        todo = [i for i in item_idxs if i in self.new and self.new[i].interactions]
+        if not todo:
+            return
+        # Stack the interacting users' factors; each row refers into that stack.
+        keys = sorted({u for i in todo for u in self.new[i].interactions})
+        pos = {u: j for j, u in enumerate(keys)}
+        stack = np.zeros((len(keys), f), dtype=np.float32)
+        for u, j in pos.items():
+            stack[j] = user_factor_of[u]
+        rows = [
+            (
+                np.array([pos[u] for u in self.new[i].interactions], dtype=np.int64),
+                np.array(list(self.new[i].interactions.values()), dtype=np.float32),
+            )
+            for i in todo
+        ]
+        solved = fold_in(
+            stack,
+            user_gram,
+            rows,
+            regularization=self.params.regularization,
+            alpha=self.params.alpha,
+        )
+        for i, vec in zip(todo, solved, strict=True):
+            self._set_factor(i, vec)
+
+
+def _group_sums(factors: F32, codes: npt.NDArray[np.int32]) -> dict[int, tuple[F32, int]]:
+    out: dict[int, tuple[F32, int]] = {}
+    if len(codes) == 0:
+        return out
+    valid = codes >= 0
+    if not valid.any():
+        return out
+    uniq, inv, counts = np.unique(codes[valid], return_inverse=True, return_counts=True)
+    sums = np.zeros((len(uniq), factors.shape[1]), dtype=np.float64)
+    np.add.at(sums, inv, factors[valid])
+    for j, c in enumerate(uniq):
+        out[int(c)] = (sums[j].astype(np.float32), int(counts[j]))
+    return out

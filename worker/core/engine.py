@@ -1,0 +1,227 @@
+"""The recommender engine: base model + live catalog + user states, in memory.
+
+This is the pure heart of the worker, and also what the notebook API and the
+replay baselines use in-process. It knows nothing of Kafka or files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from worker.core.als import F32, fold_in, gramian, top_k
+from worker.core.catalog import Catalog
+from worker.core.ids import IdMap
+from worker.core.model import Model
+from worker.core.scoring import Weights
+from worker.core.state import DEFAULT_DEDUP_WINDOW, UserState
+from worker.core.wire import TOP_K, RatingEvent, VideoEvent
+
+#: Score multiplier for a popular video in a category the user has disliked.
+DISLIKED_CATEGORY_PENALTY = 0.5
+
+
+@dataclass(frozen=True)
+class UserList:
+    """A ranked list for one user, before it becomes a wire message."""
+
+    user_id: str
+    video_ids: list[str]
+    scores: list[float]
+    strategy: str  # "als" | "popular"
+
+
+class Recommender:
+    """Applies rating events to user rows, folds users in, and ranks videos."""
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        weights: Weights | None = None,
+        k: int = TOP_K,
+        dedup_window: int = DEFAULT_DEDUP_WINDOW,
+    ) -> None:
+        self.weights = weights or Weights()
+        self.k = k
+        self.dedup_window = dedup_window
+        self.users: dict[str, UserState] = {}
+        self._install(model)
+
+    def _install(self, model: Model) -> None:
+        self.model = model
+        self.catalog = Catalog(model)
+        self.user_idx: IdMap = model.users.copy()
+        self._user_gram: F32 = gramian(model.user_factors)
+
+    @property
+    def model_version(self) -> str:
+        return self.model.version
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def state_of(self, user_id: str) -> UserState:
+        """The live state of a user; a known user starts from their bootstrap row."""
+        st = self.users.get(user_id)
+        if st is None:
+            st = UserState()
+            base = self.model.users.get(user_id)
+            if base is not None:
+                cols, vals = self.model.row_of(base)
+                st.row = {int(c): float(v) for c, v in zip(cols, vals, strict=True)}
+                st.factors = self.model.user_factors[base]
+            self.users[user_id] = st
+        return st
+
+    def register_video(self, event: VideoEvent) -> int:
+        """Register or update a video from the ``videos`` topic; no retrain."""
+        return self.catalog.register(
+            event.video_id,
+            duration_s=event.duration_seconds,
+            category=event.category,
+            author=event.author_id,
+        )
+
+    def apply(self, event: RatingEvent, *, partition: int = -1, offset: int = -1) -> bool:
+        """Apply one event to its user's row. False when it was already applied."""
+        st = self.state_of(event.user_id)
+        if st.seen(event.event_id):
+            return False
+        if partition >= 0 and partition == st.partition and offset <= st.offset:
+            return False  # replayed after a restore: the state already reflects it
+        item = self.catalog.ensure(event.video_id)
+        value = self.weights.event_value(
+            event.action, event.watch_seconds, self.catalog.duration_of(item)
+        )
+        st.row[item] = st.row.get(item, 0.0) + value
+        st.factors = None
+        st.events_applied += 1
+        st.remember(event.event_id, self.dedup_window)
+        if partition >= 0:
+            st.partition, st.offset = partition, offset
+        if item in self.catalog.new:
+            self.catalog.note_interaction(item, self.user_idx.add(event.user_id), st.row[item])
+        return True
+
+    # ---- ranking -------------------------------------------------------------------------
+
+    def refresh(self, user_ids: Iterable[str]) -> None:
+        """Fold in every stale user among ``user_ids`` in one batched solve.
+
+        New videos those users touched are then refit from everyone who interacted
+        with them (item-side fold-in).
+        """
+        stale = [u for u in dict.fromkeys(user_ids) if self.state_of(u).factors is None]
+        self._fold_in(stale)
+        new_items = {i for u in stale for i in self.users[u].row if i in self.catalog.new}
+        if not new_items:
+            return
+        keys = sorted({k for i in new_items for k in self.catalog.new[i].interactions})
+        interactors = [self.user_idx.id_of(k) for k in keys]
+        self._fold_in([u for u in interactors if self.state_of(u).factors is None])
+        factor_of = {k: self.users[u].factors for k, u in zip(keys, interactors, strict=True)}
+        self.catalog.refit_new_items(sorted(new_items), factor_of, self._user_gram)  # type: ignore[arg-type]
+
+    def _fold_in(self, user_ids: Sequence[str]) -> None:
+        if not user_ids:
+            return
+        solved = fold_in(
+            self.catalog.factors,
+            self.catalog.gram,
+            [row_arrays(self.users[u].row) for u in user_ids],
+            regularization=self.model.params.regularization,
+            alpha=self.model.params.alpha,
+        )
+        for u, vec in zip(user_ids, solved, strict=True):
+            self.users[u].factors = vec
+
+    def recommend(self, user_ids: Sequence[str]) -> list[UserList]:
+        """Top-k lists for ``user_ids``: one fold-in, one batched top-k, popular fallback."""
+        self.refresh(user_ids)
+        states = [self.state_of(u) for u in user_ids]
+        personal = [i for i, st in enumerate(states) if st.has_positive()]
+        out: list[UserList | None] = [None] * len(user_ids)
+        if personal:
+            x = np.stack([states[i].factors for i in personal]).astype(np.float32)  # type: ignore[misc]
+            exclude = [np.fromiter(states[i].row.keys(), dtype=np.int64) for i in personal]
+            items, scores = top_k(self.catalog.index(), x, exclude, self.k)
+            ids = self.catalog.items
+            for j, i in enumerate(personal):
+                ok = items[j] >= 0
+                out[i] = UserList(
+                    user_id=user_ids[i],
+                    video_ids=[ids.id_of(int(v)) for v in items[j][ok]],
+                    scores=[float(s) for s in scores[j][ok]],
+                    strategy="als",
+                )
+        for i, st in enumerate(states):
+            if out[i] is None:
+                out[i] = self._popular(user_ids[i], st)
+        return [o for o in out if o is not None]
+
+    def _popular(self, user_id: str, st: UserState) -> UserList:
+        """Popularity list without the user's seen videos, demoting disliked categories."""
+        disliked = {self.catalog.category_of(i) for i, v in st.row.items() if v < 0} - {-1}
+        want = self.k * 5 if disliked else self.k  # room to rerank when demoting
+        picked: list[tuple[float, int]] = []
+        for pos, item in enumerate(self.catalog.popular_order):
+            i = int(item)
+            if i in st.row:
+                continue
+            score = float(self.catalog.popularity[i])
+            if self.catalog.category_of(i) in disliked:
+                score *= DISLIKED_CATEGORY_PENALTY
+            picked.append((-score, pos))
+            if len(picked) >= want:
+                break
+        picked.sort()
+        top = [int(self.catalog.popular_order[p]) for _, p in picked[: self.k]]
+        return UserList(
+            user_id=user_id,
+            video_ids=[self.catalog.items.id_of(i) for i in top],
+            scores=[float(-s) for s, _ in picked[: self.k]],
+            strategy="popular",
+        )
+
+    # ---- model swap ----------------------------------------------------------------------
+
+    def swap_model(self, model: Model) -> None:
+        """Hot-swap the base model. Live rows are kept and refolded lazily on next use."""
+        old_items = self.catalog.items
+        self._install(model)
+        for st in self.users.values():
+            st.row = {self.catalog.ensure(old_items.id_of(i)): v for i, v in st.row.items()}
+            st.factors = None
+        for uid, st in self.users.items():
+            for i, v in st.row.items():
+                if i in self.catalog.new:
+                    self.catalog.note_interaction(i, self.user_idx.add(uid), v)
+
+    # ---- durable state -------------------------------------------------------------------
+
+    def snapshot(self, user_id: str) -> dict[str, object]:
+        """A JSON-ready record of a user's state, for the changelog."""
+        return self.state_of(user_id).to_record(self.catalog.items.id_of)
+
+    def restore(self, user_id: str, record: dict[str, object]) -> None:
+        """Replace a user's state with a changelog record."""
+        st = UserState.from_record(record, self.catalog.ensure)
+        self.users[user_id] = st
+        for i, v in st.row.items():
+            if i in self.catalog.new:
+                self.catalog.note_interaction(i, self.user_idx.add(user_id), v)
+
+    def forget(self, user_ids: Iterable[str]) -> None:
+        """Drop users (their partition moved to another worker)."""
+        for u in user_ids:
+            self.users.pop(u, None)
+
+
+def row_arrays(row: dict[int, float]) -> tuple[npt.NDArray[np.int64], F32]:
+    """A state row as (item indices, values) arrays, zero values dropped."""
+    cols = np.fromiter((i for i, v in row.items() if v != 0.0), dtype=np.int64)
+    vals = np.fromiter((v for v in row.values() if v != 0.0), dtype=np.float32)
+    return cols, vals

@@ -1,0 +1,79 @@
+"""The base model: what ``refold bootstrap`` produces and every worker loads.
+
+It is immutable once loaded; the worker's live changes (new users, new videos,
+changed rows) live in :mod:`worker.core.catalog` and :mod:`worker.core.state`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+
+from worker.core.ids import IdMap
+
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class AlsParams:
+    """Hyper-parameters that fold-in must share with training."""
+
+    factors: int
+    regularization: float
+    alpha: float
+    iterations: int = 15
+
+
+@dataclass(frozen=True)
+class VideoMeta:
+    """Per-video metadata needed for cold start, aligned with the item index."""
+
+    duration_s: F32  # seconds; NaN when unknown
+    category: npt.NDArray[np.int32]  # index into categories; -1 unknown
+    author: npt.NDArray[np.int32]  # index into authors; -1 unknown
+    popularity: F32  # positive interactions in the training data
+    categories: list[str]
+    authors: list[str]
+
+    @classmethod
+    def empty(cls, n: int) -> VideoMeta:
+        return cls(
+            duration_s=np.full(n, np.nan, dtype=np.float32),
+            category=np.full(n, -1, dtype=np.int32),
+            author=np.full(n, -1, dtype=np.int32),
+            popularity=np.zeros(n, dtype=np.float32),
+            categories=[],
+            authors=[],
+        )
+
+
+@dataclass(frozen=True)
+class Model:
+    """Factors, id maps, the training rows of every known user, and video metadata."""
+
+    version: str
+    params: AlsParams
+    user_factors: F32  # (n_users, f)
+    item_factors: F32  # (n_items, f)
+    users: IdMap
+    items: IdMap
+    user_rows: sp.csr_matrix  # (n_users, n_items) row values (before alpha)
+    videos: VideoMeta
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def row_of(self, user_idx: int) -> tuple[npt.NDArray[np.int32], F32]:
+        """The bootstrap row of a known user as (item indices, values)."""
+        lo, hi = self.user_rows.indptr[user_idx], self.user_rows.indptr[user_idx + 1]
+        return self.user_rows.indices[lo:hi], self.user_rows.data[lo:hi]
