@@ -1,0 +1,364 @@
+"""The ``refold`` command line: parse options, set up logging, call one function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("refold")
+
+# A worker heartbeat older than this fails the health probe; the loop beats at
+# least every poll timeout (0.1 s) plus one batch.
+_HEALTH_MAX_AGE_S = 30.0
+
+
+def _kafka(args: argparse.Namespace) -> Any:
+    from worker.config import KafkaSettings
+
+    over = {}
+    if getattr(args, "bootstrap_servers", None):
+        over["bootstrap_servers"] = args.bootstrap_servers
+    return KafkaSettings(**over)
+
+
+def _topics(args: argparse.Namespace) -> Any:
+    from worker.config import TopicSettings
+
+    over = {
+        name: getattr(args, f"topic_{name}")
+        for name in TopicSettings.model_fields
+        if getattr(args, f"topic_{name}", None)
+    }
+    return TopicSettings(**over)
+
+
+def _add_kafka(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bootstrap-servers", help="HOST:PORT of the brokers (env REFOLD_BOOTSTRAP_SERVERS)"
+    )
+    from worker.config import TopicSettings
+
+    for name, field in TopicSettings.model_fields.items():
+        p.add_argument(
+            f"--topic-{name}", help=f"{field.description} (env REFOLD_TOPIC_{name.upper()})"
+        )
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from worker.brokers.tansu import TansuBroker
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, f: done.set())
+    with TansuBroker(port=args.port) as broker:
+        print(f"ready {broker.bootstrap_servers}", flush=True)
+        while not done.wait(0.5):
+            pass
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.config import WorkerSettings
+
+    over: dict[str, Any] = {}
+    for name in ("model", "group", "metrics_port", "metrics_host", "state_dir"):
+        value = getattr(args, name, None)
+        if value is not None:
+            over[name] = value
+    if args.no_durable:
+        over["durable"] = False
+    settings = WorkerSettings(**over)
+    if args.check:
+        return _health_check(settings.metrics_host, settings.metrics_port)
+    from worker.loop import Worker
+    from worker.storage import load_model
+
+    model = load_model(settings.model)
+    worker = Worker(settings=settings, kafka=_kafka(args), topics=_topics(args), model=model)
+    worker.install_signal_handlers()
+    return worker.run()
+
+
+def _health_check(host: str, port: int) -> int:
+    if not port:
+        print("unhealthy: --metrics-port is not set", file=sys.stderr)
+        return 2
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+    for line in text.splitlines():
+        if line.startswith("refold_loop_heartbeat_timestamp_seconds "):
+            age = time.time() - float(line.split()[1])
+            if age <= _HEALTH_MAX_AGE_S:
+                print(f"healthy: loop beat {age:.1f}s ago")
+                return 0
+            print(f"unhealthy: loop last beat {age:.1f}s ago", file=sys.stderr)
+            return 1
+    print("unhealthy: no heartbeat metric", file=sys.stderr)
+    return 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from worker.core.wire import RatingEvent
+    from worker.producer import RatingProducer
+
+    with RatingProducer(kafka=_kafka(args), topics=_topics(args)) as producer:
+        if args.file:
+            sent = 0
+            for lineno, line in enumerate(Path(args.file).read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    producer.send(RatingEvent.model_validate_json(line))
+                except ValidationError as exc:
+                    print(f"{args.file}:{lineno}: invalid event: {exc}", file=sys.stderr)
+                    return 1
+                sent += 1
+            producer.flush()
+            print(json.dumps({"sent": sent}))
+            return 0
+        if not (args.user and args.video and args.action):
+            print("refold send: give --user, --video and --action, or --file", file=sys.stderr)
+            return 2
+        try:
+            event = producer.rate(
+                args.user,
+                args.video,
+                args.action,
+                watch_seconds=args.watch_seconds,
+                event_id=args.event_id,
+            )
+        except ValidationError as exc:
+            print(f"invalid event: {exc}", file=sys.stderr)
+            return 1
+        producer.flush()
+        print(event.model_dump_json())
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from kafka import TopicPartition
+
+    from worker.kafkaio import make_consumer
+
+    topics = _topics(args)
+    topic = args.topic or topics.recommendations
+    consumer = make_consumer(_kafka(args), group_id=None, fetch_max_wait_ms=50)
+    try:
+        deadline = time.monotonic() + args.timeout if args.timeout else None
+        parts: set[int] | None = None
+        while not parts:
+            parts = consumer.partitions_for_topic(topic)
+            if deadline and time.monotonic() > deadline:
+                return 1
+            if not parts:
+                time.sleep(0.1)  # topic not created yet; poll its metadata again
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        printed = 0
+        want = args.user.encode() if args.user else None
+        while deadline is None or time.monotonic() < deadline:
+            for recs in consumer.poll(timeout_ms=200).values():
+                for r in recs:
+                    if want is not None and r.key != want:
+                        continue
+                    try:
+                        doc = json.loads(r.value)
+                    except (TypeError, ValueError):
+                        doc = {
+                            "raw": repr(r.value),
+                            "headers": {k: v.decode("utf-8", "replace") for k, v in r.headers},
+                        }
+                    print(json.dumps(doc), flush=True)
+                    printed += 1
+                    if args.max_messages and printed >= args.max_messages:
+                        return 0
+        return 0 if printed and not args.max_messages else 1
+    finally:
+        consumer.close()
+
+
+def cmd_swap(args: argparse.Namespace) -> int:
+    from worker.kafkaio import Publisher, make_producer
+    from worker.storage import read_manifest
+
+    path = Path(args.model).resolve()
+    manifest = read_manifest(path)
+    pub = Publisher(make_producer(_kafka(args)))
+    doc = {"model_dir": str(path), "version": manifest["version"]}
+    pub.send(_topics(args).control, key=b"model", value=json.dumps(doc).encode())
+    pub.confirm()
+    pub.producer.close()
+    print(json.dumps(doc))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from worker.data.synth import synthesize
+
+    summary = synthesize(
+        Path(args.out),
+        users=args.users,
+        videos=args.videos,
+        events=args.events,
+        seed=args.seed,
+        days=args.days,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from worker.data.ingest import ColumnMapping
+    from worker.train import bootstrap
+
+    mapping = None
+    if args.columns:
+        text = Path(args.columns).read_text() if Path(args.columns).is_file() else args.columns
+        mapping = ColumnMapping.model_validate_json(text)
+    kw: dict[str, Any] = {}
+    for name in ("factors", "iterations", "regularization", "alpha"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    model = bootstrap(
+        args.logs,
+        args.videos,
+        Path(args.out),
+        reactions=args.reactions,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        gpu=args.gpu,
+        mapping=mapping,
+        duration_unit=args.duration_unit,
+        version=args.model_version,
+        progress=not args.quiet,
+        **kw,
+    )
+    print(
+        json.dumps(
+            {"model": str(args.out), "version": model.version, **model.manifest.get("counts", {})}
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refold", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("broker", help="run the embedded Tansu broker on 127.0.0.1")
+    p.add_argument("--port", type=int, default=9092)
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("worker", help="run a worker (a consumer group member)")
+    _add_kafka(p)
+    p.add_argument("--model", type=Path, help="model directory (env REFOLD_MODEL)")
+    p.add_argument("--group", help="consumer group (env REFOLD_GROUP)")
+    p.add_argument("--metrics-port", type=int, help="port of /metrics (env REFOLD_METRICS_PORT)")
+    p.add_argument("--metrics-host", help="bind address of /metrics (default 127.0.0.1)")
+    p.add_argument("--state-dir", type=Path, help="local snapshot dir (env REFOLD_STATE_DIR)")
+    p.add_argument(
+        "--no-durable", action="store_true", help="no changelog (state is lost on crash)"
+    )
+    p.add_argument("--check", action="store_true", help="health probe of a running worker")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("send", help="send rating events")
+    _add_kafka(p)
+    p.add_argument("--user")
+    p.add_argument("--video")
+    p.add_argument("--action", choices=["like", "dislike", "neutral", "view"])
+    p.add_argument("--watch-seconds", type=float)
+    p.add_argument("--event-id")
+    p.add_argument("--file", help="JSON lines of rating events")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("tail", help="print recommendation lists, one JSON object per line")
+    _add_kafka(p)
+    p.add_argument("--user")
+    p.add_argument("--topic", help="topic to print (default: the recommendations topic)")
+    p.add_argument("--max-messages", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=0.0, help="seconds; 0 waits forever")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("swap", help="announce a new model version to running workers")
+    _add_kafka(p)
+    p.add_argument("--model", required=True)
+    p.set_defaults(func=cmd_swap)
+
+    p = sub.add_parser("synth", help="synthesize a Rutube-style dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--videos", type=int, default=5_000)
+    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--days", type=int, default=30)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("bootstrap", help="train the base model from Parquet logs")
+    p.add_argument("--logs", nargs="+", required=True, help="files, directories or globs")
+    p.add_argument("--videos", required=True)
+    p.add_argument("--reactions")
+    p.add_argument("--out", required=True)
+    p.add_argument("--factors", type=int)
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--regularization", type=float)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--batch-size", type=int, default=1_000_000)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--columns", help="column mapping as JSON text or a JSON file")
+    p.add_argument("--duration-unit", choices=["auto", "s", "ms"], default="auto")
+    p.add_argument("--model-version", help="version string (default: time-based)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bootstrap)
+
+    _add_eval_commands(sub)
+    return parser
+
+
+def _add_eval_commands(sub: Any) -> None:
+    """Evaluation commands live in worker.eval; they register themselves here."""
+    try:
+        from worker.eval.cli import add_commands
+    except ImportError:
+        return
+    add_commands(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    from worker.errors import RefoldError
+
+    try:
+        return int(args.func(args))
+    except RefoldError as exc:
+        log.error("%s", exc)
+        return 1

@@ -1,0 +1,146 @@
+"""Configuration: one pydantic-settings model, read from flags and ``REFOLD_*`` variables.
+
+Every knob an operator may need lives here, with its environment variable
+name derived from the field (``REFOLD_BOOTSTRAP_SERVERS``, ``REFOLD_TOPIC_RATINGS``…).
+Topic names come from here, never from literals elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.core.scoring import Weights
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach the brokers, including TLS and SASL."""
+
+    model_config = SettingsConfigDict(env_prefix="REFOLD_", extra="ignore")
+
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:9092", description="Comma-separated HOST:PORT list of brokers."
+    )
+    security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT", description="Kafka security.protocol."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = (
+        Field(default=None, description="SASL mechanism when the protocol is SASL_*.")
+    )
+    sasl_username: str | None = Field(default=None, description="SASL username.")
+    sasl_password: SecretStr | None = Field(default=None, description="SASL password.")
+    ssl_cafile: Path | None = Field(default=None, description="CA bundle for TLS.")
+    ssl_certfile: Path | None = Field(default=None, description="Client certificate (mTLS).")
+    ssl_keyfile: Path | None = Field(default=None, description="Client private key (mTLS).")
+    ssl_check_hostname: bool = Field(default=True, description="Verify the broker hostname.")
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by every kafka-python client."""
+        kw: dict[str, Any] = {
+            "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s],
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol.startswith("SASL"):
+            kw["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
+            kw["sasl_plain_username"] = self.sasl_username
+            kw["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        if self.security_protocol.endswith("SSL"):
+            kw["ssl_check_hostname"] = self.ssl_check_hostname
+            for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                value = getattr(self, key)
+                if value is not None:
+                    kw[key] = str(value)
+        return kw
+
+
+class TopicSettings(BaseSettings):
+    """Topic names."""
+
+    model_config = SettingsConfigDict(env_prefix="REFOLD_TOPIC_", extra="ignore")
+
+    ratings: str = Field(default="ratings", description="Rating events in, keyed by user_id.")
+    recommendations: str = Field(
+        default="recommendations", description="Top-10 lists out, keyed by user_id."
+    )
+    videos: str = Field(default="videos", description="New or updated videos, keyed by video_id.")
+    dlq: str = Field(default="ratings.dlq", description="Dead letters: bad messages, raw bytes.")
+    changelog: str = Field(
+        default="refold.state-changelog",
+        description="Compacted per-user state changelog, keyed by user_id.",
+    )
+    control: str = Field(
+        default="refold.models", description="Model versions to hot-swap to (compacted)."
+    )
+
+
+class WorkerSettings(BaseSettings):
+    """The worker process."""
+
+    model_config = SettingsConfigDict(env_prefix="REFOLD_", extra="ignore")
+
+    model: Path = Field(default=Path("model"), description="Model directory to start from.")
+    group: str = Field(default="refold-worker", description="Consumer group id.")
+    client_id: str = Field(default="refold-worker", description="Kafka client id prefix.")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Bind address of /metrics and /healthz."
+    )
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of /metrics and /healthz; 0 disables."
+    )
+    # Low latency on both brokers: Tansu's fetch latency follows fetch_max_wait_ms
+    # (0 returns nothing), Apache Kafka answers as soon as data arrives anyway.
+    fetch_max_wait_ms: int = Field(default=10, ge=1, description="Fetch long-poll wait.")
+    max_poll_records: int = Field(default=1000, ge=1, description="Largest batch per poll.")
+    # Tansu joins a group in about session_timeout/2; Apache Kafka's minimum is 6 s.
+    session_timeout_ms: int = Field(default=6000, ge=1000, description="Group session timeout.")
+    heartbeat_interval_ms: int = Field(default=1000, ge=100, description="Group heartbeat.")
+    durable: bool = Field(
+        default=True, description="Write the per-user state changelog and restore from it."
+    )
+    state_dir: Path | None = Field(
+        default=None, description="Local snapshot directory that speeds up restarts (optional)."
+    )
+    snapshot_interval_s: float = Field(
+        default=30.0, gt=0, description="Seconds between local state snapshots."
+    )
+    dedup_window: int = Field(
+        default=1000, ge=1, description="Event ids remembered per user for deduplication."
+    )
+    create_topics_partitions: int = Field(
+        default=1, ge=1, description="Partitions for topics the worker creates when missing."
+    )
+
+    # Scoring weights (see worker.core.scoring).
+    weight_view: float = Field(default=1.0, ge=0, description="Weight of a fully watched view.")
+    weight_like: float = Field(default=2.0, ge=0, description="Weight of a like.")
+    weight_neutral: float = Field(default=0.5, ge=0, description="Weight of a neutral reaction.")
+    weight_dislike: float = Field(default=2.0, ge=0, description="Weight of a dislike (negative).")
+    watch_cap: float = Field(default=1.0, gt=0, description="Cap of the watched fraction.")
+
+    def weights(self) -> Weights:
+        return Weights(
+            view=self.weight_view,
+            like=self.weight_like,
+            neutral=self.weight_neutral,
+            dislike=self.weight_dislike,
+            watch_cap=self.watch_cap,
+        )
+
+
+ENV_PREFIXES = ("REFOLD_", "REFOLD_TOPIC_")
+
+
+def env_names() -> set[str]:
+    """Every environment variable name the settings read (for the compose check)."""
+    names: set[str] = set()
+    for cls in (KafkaSettings, TopicSettings, WorkerSettings):
+        prefix = cls.model_config.get("env_prefix", "")
+        names |= {f"{prefix}{f}".upper() for f in cls.model_fields}
+    return names

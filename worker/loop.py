@@ -1,0 +1,357 @@
+"""The worker loop: poll → decode → handle → publish → (changelog) → commit.
+
+It only orchestrates; the work is in :func:`worker.core.handler.handle_batch`.
+Checkpoint order per batch, so that nothing is lost or counted twice:
+
+1. publish the lists and dead letters, and wait until all are acknowledged;
+2. write the changed users' state to the changelog, and wait for the acks;
+3. commit the consumed offsets.
+
+A crash before 2 completes replays the batch onto the old state (lists are
+published again, identical); a crash between 2 and 3 replays it onto the new
+state, where the per-user source offset makes every event a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from worker.changelog import read_partitions, write_changes
+from worker.config import KafkaSettings, TopicSettings, WorkerSettings
+from worker.core.engine import Recommender
+from worker.core.handler import Source, handle_batch
+from worker.core.model import Model
+from worker.core.wire import RatingEvent, decode_rating, decode_video, encode
+from worker.errors import DecodeError
+from worker.kafkaio import (
+    Publisher,
+    dead_letter_headers,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    topic_partitions,
+)
+from worker.metrics import WorkerMetrics
+from worker.storage import load_model
+
+log = logging.getLogger(__name__)
+
+# Poll timeout when idle: short enough to notice SIGTERM and broadcasts promptly.
+_POLL_TIMEOUT_MS = 100
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.worker.on_revoked({tp.partition for tp in revoked})
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.worker.on_assigned({tp.partition for tp in assigned})
+
+
+class Worker:
+    """One refold worker process: a member of the consumer group on ``ratings``."""
+
+    def __init__(
+        self,
+        *,
+        settings: WorkerSettings,
+        kafka: KafkaSettings,
+        topics: TopicSettings,
+        model: Model,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
+        self.settings = settings
+        self.kafka = kafka
+        self.topics = topics
+        self.clock = clock
+        self.engine = Recommender(
+            model, weights=settings.weights(), dedup_window=settings.dedup_window
+        )
+        self.metrics = WorkerMetrics()
+        self.metrics.model_info.labels(model.version).set(1)
+        self.stopping = threading.Event()
+        self.owned: set[int] = set()
+        self._pending_model: Model | None = None
+        self._loading: threading.Thread | None = None
+        self._model_source: str | None = None
+        self.batches = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT finish the batch in hand, then stop; SIGHUP reloads --model."""
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %s: finishing the current batch, then stopping", signum)
+            self.stopping.set()
+
+        def reload(signum: int, frame: FrameType | None) -> None:
+            self.request_model(str(self.settings.model))
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _setup(self) -> None:
+        t = self.topics
+        probe = make_consumer(self.kafka, group_id=None)
+        try:
+            existing = topic_partitions(probe, t.ratings)
+        finally:
+            probe.close()
+        n = existing or self.settings.create_topics_partitions
+        ensure_topics(
+            self.kafka,
+            {
+                t.ratings: n,
+                t.recommendations: n,
+                t.dlq: 1,
+                t.videos: 1,
+                t.changelog: n,
+                t.control: 1,
+            },
+            compacted={t.changelog, t.videos, t.control},
+        )
+        self.producer = make_producer(self.kafka, client_id=f"{self.settings.client_id}-producer")
+        self.publisher = Publisher(self.producer)
+        self.consumer: KafkaConsumer = make_consumer(
+            self.kafka,
+            group_id=self.settings.group,
+            client_id=self.settings.client_id,
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
+            max_poll_records=self.settings.max_poll_records,
+            session_timeout_ms=self.settings.session_timeout_ms,
+            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
+            max_poll_interval_ms=300_000,
+        )
+        # Every worker needs every video and every model announcement: a group-less
+        # consumer reads both topics in full.
+        self.broadcast: KafkaConsumer = make_consumer(
+            self.kafka, group_id=None, fetch_max_wait_ms=self.settings.fetch_max_wait_ms
+        )
+        tps = [
+            TopicPartition(topic, p)
+            for topic in (t.videos, t.control)
+            for p in sorted(self.broadcast.partitions_for_topic(topic) or {0})
+        ]
+        self.broadcast.assign(tps)
+        self.broadcast.seek_to_beginning(*tps)
+        self._drain_broadcast(until_caught_up=True)
+        self.consumer.subscribe([t.ratings], listener=_Rebalance(self))
+
+    def run(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        self._setup()
+        if self.settings.metrics_port:
+            self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        log.info(
+            "worker started: model %s, group %s", self.engine.model_version, self.settings.group
+        )
+        try:
+            while not self.stopping.is_set():
+                self.metrics.beat()
+                self._drain_broadcast(until_caught_up=False)
+                self._maybe_swap()
+                batch = self.consumer.poll(
+                    timeout_ms=_POLL_TIMEOUT_MS, max_records=self.settings.max_poll_records
+                )
+                if batch:
+                    self.process(batch)
+        finally:
+            self._close()
+        return 0
+
+    def _close(self) -> None:
+        for closer in (
+            lambda: self.consumer.close(autocommit=False),
+            lambda: self.broadcast.close(),
+            lambda: self.producer.close(timeout=10),
+        ):
+            try:
+                closer()
+            except Exception:  # closing after a failure must not hide the original error
+                log.exception("error while closing a Kafka client")
+
+    # ---- broadcast topics ----------------------------------------------------------------
+
+    def _drain_broadcast(self, *, until_caught_up: bool) -> None:
+        deadline = time.monotonic() + 60.0
+        while True:
+            batch = self.broadcast.poll(timeout_ms=50 if until_caught_up else 0)
+            for tp, records in batch.items():
+                for r in records:
+                    if tp.topic == self.topics.videos:
+                        self._on_video(r)
+                    else:
+                        self._on_control(r)
+            if not until_caught_up:
+                return
+            assigned = self.broadcast.assignment()
+            done = all(
+                (hw := self.broadcast.highwater(tp)) is not None
+                and self.broadcast.position(tp) >= hw
+                for tp in assigned
+            )
+            if done or time.monotonic() > deadline:
+                return
+
+    def _on_video(self, r: Any) -> None:
+        try:
+            video = decode_video(r.value)
+        except DecodeError as exc:
+            self._dead_letter(r, exc.reason, exc.message)
+            return
+        self.engine.register_video(video)
+        self.metrics.videos_in.inc()
+
+    def _on_control(self, r: Any) -> None:
+        try:
+            doc = json.loads(r.value)
+            path = str(doc["model_dir"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring malformed model announcement at offset %s: %s", r.offset, exc)
+            return
+        self.request_model(path)
+
+    # ---- model hot swap ------------------------------------------------------------------
+
+    def request_model(self, path: str) -> None:
+        """Load a model in the background; it is swapped in between two batches."""
+        if self._loading is not None and self._loading.is_alive():
+            self._model_source = path  # the newest request wins once the load ends
+            return
+        self._model_source = path
+
+        def load() -> None:
+            try:
+                model = load_model(Path(path))
+            except Exception:
+                log.exception("model at %s could not be loaded; keeping the current one", path)
+                return
+            self._pending_model = model
+
+        self._loading = threading.Thread(target=load, name="model-loader", daemon=True)
+        self._loading.start()
+
+    def _maybe_swap(self, wait: bool = False) -> None:
+        if wait and self._loading is not None:
+            self._loading.join()
+        model, self._pending_model = self._pending_model, None
+        if model is None or model.version == self.engine.model_version:
+            return
+        old = self.engine.model_version
+        self.engine.swap_model(model)
+        self.metrics.model_info.labels(old).set(0)
+        self.metrics.model_info.labels(model.version).set(1)
+        log.info("model swapped: %s -> %s", old, model.version)
+
+    # ---- rebalance -----------------------------------------------------------------------
+
+    def on_revoked(self, partitions: set[int]) -> None:
+        gone = [u for u, st in self.engine.users.items() if st.partition in partitions]
+        self.engine.forget(gone)
+        self.owned -= partitions
+        log.info("partitions %s revoked; %d users dropped", sorted(partitions), len(gone))
+
+    def on_assigned(self, partitions: set[int]) -> None:
+        new = partitions - self.owned
+        self.owned |= partitions
+        if not self.settings.durable or not new:
+            return
+        started = time.monotonic()
+        records, _ = read_partitions(
+            self.kafka,
+            self.topics.changelog,
+            sorted(new),
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
+        )
+        for user_id, record in records.items():
+            self.engine.restore(user_id, record)
+        self.metrics.restored.inc(len(records))
+        log.info(
+            "partitions %s assigned; %d users restored in %.2fs",
+            sorted(new),
+            len(records),
+            time.monotonic() - started,
+        )
+
+    # ---- one batch -----------------------------------------------------------------------
+
+    def _dead_letter(self, r: Any, reason: str, message: str) -> None:
+        self.publisher.send(
+            self.topics.dlq,
+            key=r.key,
+            value=r.value,
+            headers=dead_letter_headers(reason, message, r.topic, r.partition, r.offset),
+        )
+        self.metrics.dead_letters.labels(reason).inc()
+
+    def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Handle one polled batch end to end, then commit its offsets."""
+        started = time.monotonic()
+        ratings: list[tuple[RatingEvent, Source]] = []
+        kafka_ts: dict[str, int] = {}
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        n = 0
+        for tp, records in batch.items():
+            for r in records:
+                n += 1
+                try:
+                    event = decode_rating(r.value)
+                except DecodeError as exc:
+                    self._dead_letter(r, exc.reason, exc.message)
+                    continue
+                if r.key is not None and r.key != event.user_id.encode("utf-8"):
+                    # A wrong key would put the user's events on another worker's partition.
+                    self._dead_letter(r, "key_mismatch", "message key differs from user_id")
+                    continue
+                ratings.append((event, Source(tp.topic, tp.partition, r.offset)))
+                kafka_ts[event.user_id] = r.timestamp
+            offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+        self.metrics.batch_size.observe(n)
+        self.metrics.events_in.inc(len(ratings))
+
+        t0 = time.monotonic()
+        outcome = handle_batch(self.engine, ratings, (), now=self.clock())
+        self.metrics.fold_in_seconds.observe(time.monotonic() - t0)
+        for rec in outcome.recommendations:
+            self.publisher.send(
+                self.topics.recommendations, key=rec.user_id.encode("utf-8"), value=encode(rec)
+            )
+        self.publisher.confirm()
+        acked_ms = time.time() * 1000.0
+        for rec in outcome.recommendations:
+            self.metrics.lists_out.labels(rec.strategy).inc()
+            ts = kafka_ts.get(rec.user_id)
+            if ts is not None and ts > 0:
+                self.metrics.e2e_latency.observe(max(0.0, (acked_ms - ts) / 1000.0))
+        if self.settings.durable and outcome.changed_users:
+            write_changes(self.publisher, self.topics.changelog, self.engine, outcome.changed_users)
+            self.publisher.confirm()
+        self.consumer.commit(offsets)
+        self.metrics.events_applied.inc(outcome.applied)
+        self.metrics.duplicates.inc(outcome.duplicates)
+        self.metrics.users.set(len(self.engine.users))
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+        lag = 0
+        for tp in offsets:
+            hw = self.consumer.highwater(tp)
+            if hw is not None:
+                lag += max(0, hw - offsets[tp].offset)
+        self.metrics.lag.set(lag)
+        self.batches += 1
