@@ -228,7 +228,7 @@ def top_k(
         best_s[active] = np.take_along_axis(best_s[active], srt, axis=1)
         best_i[active] = np.take_along_axis(best_i[active], srt, axis=1)
     valid = np.isfinite(best_s) & (best_i >= 0)
-    items = np.where(valid, index.order[np.clip(best_i, 0, None)], -1)
+    items = np.where(valid, index.order[np.clip(best_i, 0, n_items - 1)], -1)
     return items.astype(np.int64), np.where(valid, best_s, -np.inf).astype(np.float32)
 
 

@@ -160,24 +160,18 @@ def _decode(model: type[_Wire], raw: bytes | None) -> Any:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise DecodeError("oversized", f"{len(raw)} bytes > limit {MAX_MESSAGE_BYTES}")
     try:
-        text = raw.decode("utf-8")
+        raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DecodeError("invalid_utf8", str(exc)) from None
     try:
-        doc = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:
-        raise DecodeError("invalid_json", str(exc)) from None
-    if not isinstance(doc, dict):
-        raise DecodeError("invalid_json", f"expected a JSON object, got {type(doc).__name__}")
-    try:
-        return model.model_validate(doc)
+        return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid" or (
+            first["type"] in {"model_type", "model_attributes_type"} and not first["loc"]
+        ):
+            raise DecodeError("invalid_json", _short(str(first["msg"]))) from None
         raise DecodeError("validation", _reason_of(exc) + ": " + _short(str(exc))) from None
-
-
-def _reject_constant(name: str) -> float:
-    # json.loads accepts NaN/Infinity by default; they are not JSON (RFC 8259).
-    raise ValueError(f"non-standard JSON constant {name}")
 
 
 def _short(text: str, limit: int = 300) -> str:

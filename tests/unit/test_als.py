@@ -1,0 +1,120 @@
+"""Fast paths of the ALS core against slow, obviously correct references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from implicit.cpu.als import AlternatingLeastSquares
+
+from worker.core.als import ItemIndex, fold_in, fold_in_reference, gramian, top_k, top_k_reference
+
+
+def _rows(rng: np.random.Generator, n_rows: int, n_items: int, max_len: int):
+    rows = []
+    for _ in range(n_rows):
+        m = int(rng.integers(0, max_len + 1))
+        cols = rng.choice(n_items, size=m, replace=False)
+        vals = rng.uniform(-2, 3, size=m).astype(np.float32)
+        vals[np.abs(vals) < 0.05] = 0.5
+        rows.append((cols, vals))
+    return rows
+
+
+def test_fold_in_matches_reference_solve():
+    rng = np.random.default_rng(1)
+    y = (rng.standard_normal((60, 6)) * 0.4).astype(np.float32)
+    rows = _rows(rng, 150, 60, 25)  # > one fold-in group, lengths vary
+    fast = fold_in(y, gramian(y), rows, regularization=0.1, alpha=5.0)
+    slow = fold_in_reference(y, rows, regularization=0.1, alpha=5.0)
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_in_matches_implicit_recalculate_user():
+    rng = np.random.default_rng(2)
+    y = (rng.standard_normal((40, 5)) * 0.3).astype(np.float32)
+    rows = _rows(rng, 12, 40, 10)
+    indptr = np.cumsum([0] + [len(c) for c, _ in rows])
+    csr = sp.csr_matrix(
+        (np.concatenate([v for _, v in rows]), np.concatenate([c for c, _ in rows]), indptr),
+        shape=(len(rows), 40),
+    )
+    als = AlternatingLeastSquares(factors=5, regularization=0.2, alpha=3.0)
+    als.item_factors = y
+    als.user_factors = np.zeros((len(rows), 5), np.float32)
+    expected = als.recalculate_user(np.arange(len(rows)), csr)
+    got = fold_in(y, gramian(y), rows, regularization=0.2, alpha=3.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_fold_in_known_answer_checkerboard():
+    """Two orthogonal item groups: a user who likes group A gets a factor along A only."""
+    y = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
+    (x,) = fold_in(
+        y, gramian(y), [(np.array([0, 1]), np.array([1.0, 1.0]))], regularization=0.0, alpha=1.0
+    )
+    # A = YtY + sum (c-1) yy^T = diag(2, 2); b = y0 + y1 = (2, 0) -> x = (1, 0)
+    np.testing.assert_allclose(x, [1.0, 0.0], atol=1e-6)
+    (neg,) = fold_in(
+        y, gramian(y), [(np.array([2]), np.array([-1.0]))], regularization=0.1, alpha=3.0
+    )
+    np.testing.assert_allclose(neg, [0.0, 0.0], atol=1e-7)  # a dislike alone gives no positive b
+
+
+def test_empty_rows_and_batch():
+    y = np.eye(3, dtype=np.float32)
+    assert fold_in(y, gramian(y), [], regularization=0.1, alpha=1.0).shape == (0, 3)
+    out = fold_in(
+        y,
+        gramian(y),
+        [(np.array([], int), np.array([], np.float32))],
+        regularization=0.1,
+        alpha=1.0,
+    )
+    np.testing.assert_array_equal(out, np.zeros((1, 3), np.float32))
+
+
+@pytest.mark.parametrize("n_items", [5, 130, 9000, 20_000])
+def test_top_k_matches_full_sort(n_items: int):
+    rng = np.random.default_rng(n_items)
+    f = 8
+    y = (rng.standard_normal((n_items, f)) * rng.uniform(0.05, 2.0, size=(n_items, 1))).astype(
+        np.float32
+    )
+    x = rng.standard_normal((37, f)).astype(np.float32)
+    exclude = [
+        rng.choice(n_items, size=min(n_items - 1, int(rng.integers(0, 40))), replace=False)
+        for _ in range(37)
+    ]
+    items, scores = top_k(ItemIndex.build(y), x, exclude, 10)
+    ref_items, ref_scores = top_k_reference(y, x, exclude, 10)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    for u in range(37):
+        assert not set(items[u].tolist()) & set(exclude[u].tolist())
+        ok = ref_items[u] >= 0
+        # Same items wherever scores are not tied.
+        if len(set(np.round(ref_scores[u][ok], 5))) == ok.sum():
+            assert items[u][ok].tolist() == ref_items[u][ok].tolist()
+
+
+def test_top_k_fewer_eligible_than_k():
+    y = np.arange(12, dtype=np.float32).reshape(6, 2)
+    items, scores = top_k(
+        ItemIndex.build(y), np.ones((1, 2), np.float32), [np.array([0, 1, 2])], 10
+    )
+    assert items[0, :3].tolist() == [5, 4, 3]
+    assert (items[0, 3:] == -1).all() and np.isneginf(scores[0, 3:]).all()
+
+
+def test_top_k_pruning_prunes_but_stays_exact():
+    """Skewed norms (as ALS gives popular items) let most users stop early; results still exact."""
+    rng = np.random.default_rng(7)
+    n, f = 50_000, 16
+    norms = np.sort(rng.pareto(2.0, n) + 0.05)[::-1].astype(np.float32)
+    y = rng.standard_normal((n, f)).astype(np.float32)
+    y *= (norms / np.linalg.norm(y, axis=1))[:, None]
+    x = rng.standard_normal((20, f)).astype(np.float32)
+    ex = [np.array([], np.int64)] * 20
+    items, scores = top_k(ItemIndex.build(y), x, ex, 10)
+    _, ref_scores = top_k_reference(y, x, ex, 10)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)

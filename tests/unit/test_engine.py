@@ -1,0 +1,202 @@
+"""The engine and batch handler with in-memory state; the loop with a fake publisher."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+from kafka import TopicPartition
+
+from tests.kit import make_model
+from worker.config import KafkaSettings, TopicSettings, WorkerSettings
+from worker.core.als import fold_in
+from worker.core.engine import Recommender
+from worker.core.handler import Source, handle_batch
+from worker.core.wire import RatingEvent, VideoEvent, decode_recommendations
+
+NOW = datetime(2026, 11, 29, 10, tzinfo=timezone.utc)
+
+
+def ev(eid: str, user: str, video: str, action: str = "like", watch: float | None = None) -> RatingEvent:
+    return RatingEvent(event_id=eid, user_id=user, video_id=video, action=action, watch_seconds=watch, ts=NOW)
+
+
+def src(offset: int, partition: int = 0) -> Source:
+    return Source("ratings", partition, offset)
+
+
+def test_known_user_starts_from_bootstrap_row_and_factors():
+    model = make_model()
+    eng = Recommender(model)
+    st = eng.state_of("u3")
+    cols, vals = model.row_of(3)
+    assert st.row == {int(c): pytest.approx(float(v)) for c, v in zip(cols, vals)}
+    np.testing.assert_array_equal(st.factors, model.user_factors[3])
+
+
+def test_fold_in_after_event_equals_solve_of_full_row():
+    model = make_model()
+    eng = Recommender(model)
+    eng.apply(ev("e1", "u3", "v100"))
+    eng.recommend(["u3"])
+    st = eng.users["u3"]
+    cols = np.array(list(st.row), dtype=np.int64)
+    vals = np.array(list(st.row.values()), dtype=np.float32)
+    expected = fold_in(model.item_factors, model.item_factors.T @ model.item_factors, [(cols, vals)],
+                       regularization=model.params.regularization, alpha=model.params.alpha)[0]
+    np.testing.assert_allclose(st.factors, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_lists_exclude_watched_and_disliked():
+    eng = Recommender(make_model())
+    eng.apply(ev("a", "u1", "v2", "view", 30.0))
+    eng.apply(ev("b", "u1", "v3", "dislike"))
+    eng.apply(ev("c", "u1", "v4", "like"))
+    (lst,) = eng.recommend(["u1"])
+    assert lst.strategy == "als" and len(lst.video_ids) == 10
+    assert not set(lst.video_ids) & {eng.catalog.items.id_of(i) for i in eng.users["u1"].row}
+    assert lst.scores == sorted(lst.scores, reverse=True)
+
+
+def test_new_user_popular_then_personal():
+    eng = Recommender(make_model())
+    eng.apply(ev("a", "new", "v1", "dislike"))
+    (lst,) = eng.recommend(["new"])
+    assert lst.strategy == "popular" and "v1" not in lst.video_ids
+    eng.apply(ev("b", "new", "v5", "like"))
+    (lst,) = eng.recommend(["new"])
+    assert lst.strategy == "als" and not {"v1", "v5"} & set(lst.video_ids)
+
+
+def test_popular_demotes_disliked_category():
+    model = make_model()
+    eng = Recommender(model)
+    plain = eng.recommend(["fresh"])[0].video_ids
+    top_cat = eng.catalog.category_of(eng.catalog.items.get(plain[0]))
+    disliked = next(v for v in model.items.ids if eng.catalog.category_of(model.items.get(v)) == top_cat and v not in plain)
+    eng.apply(ev("a", "fresh2", disliked, "dislike"))
+    demoted = eng.recommend(["fresh2"])[0].video_ids
+    cats = [eng.catalog.category_of(eng.catalog.items.get(v)) for v in demoted]
+    assert cats.count(top_cat) < [eng.catalog.category_of(eng.catalog.items.get(v)) for v in plain].count(top_cat)
+
+
+def test_dedup_by_event_id_and_by_source_offset():
+    eng = Recommender(make_model())
+    assert eng.apply(ev("x", "u1", "v9"), partition=0, offset=5)
+    assert not eng.apply(ev("x", "u1", "v9"), partition=0, offset=6)  # app retry, same id
+    assert not eng.apply(ev("y", "u1", "v8"), partition=0, offset=5)  # replay at an applied offset
+    assert eng.users["u1"].events_applied == 1
+
+
+def test_row_is_order_independent():
+    a, b = Recommender(make_model()), Recommender(make_model())
+    events = [ev("1", "u", "v1", "view", 100.0), ev("2", "u", "v1", "like"), ev("3", "u", "v2", "dislike")]
+    for e in events:
+        a.apply(e)
+    for e in reversed(events):
+        b.apply(e)
+    assert a.users["u"].row == pytest.approx(b.users["u"].row)
+
+
+def test_new_video_prior_then_item_fold_in():
+    eng = Recommender(make_model())
+    idx = eng.register_video(VideoEvent(video_id="fresh", duration_seconds=60, category="cat1", author_id="a1", published_at=NOW))
+    prior = eng.catalog.factors[idx].copy()
+    same = [i for i in range(eng.catalog.n_base) if eng.catalog.category_of(i) == eng.catalog.categories.get("cat1")]
+    assert np.linalg.norm(prior) > 0
+    assert np.dot(prior, eng.catalog.factors[same].mean(axis=0)) > 0
+    eng.apply(ev("a", "u1", "fresh", "like"))
+    eng.recommend(["u1"])
+    assert not np.allclose(eng.catalog.factors[idx], prior)  # refit from the interaction
+    # A video nobody announced is accepted and counted.
+    assert eng.apply(ev("b", "u2", "ghost", "view", 10.0))
+    assert eng.catalog.items.get("ghost") is not None and eng.users["u2"].events_applied == 1 + 0
+
+
+def test_handler_coalesces_users_and_reports():
+    eng = Recommender(make_model())
+    batch = [(ev("1", "u1", "v1"), src(0)), (ev("2", "u2", "v2"), src(1)), (ev("3", "u1", "v3"), src(2)), (ev("1", "u1", "v1"), src(3))]
+    out = handle_batch(eng, batch, [], now=NOW)
+    assert out.applied == 3 and out.duplicates == 1
+    assert sorted(r.user_id for r in out.recommendations) == ["u1", "u2"]
+    u1 = next(r for r in out.recommendations if r.user_id == "u1")
+    assert u1.event_ids == ["1", "3"] and u1.source.offset == 2 and u1.model_version == "test-v1"
+
+
+def test_snapshot_restore_roundtrip():
+    eng = Recommender(make_model())
+    eng.apply(ev("1", "u1", "ghost", "like"), partition=2, offset=7)
+    rec = eng.snapshot("u1")
+    other = Recommender(make_model())
+    other.restore("u1", rec)
+    assert other.users["u1"].events_applied == eng.users["u1"].events_applied
+    assert other.users["u1"].offset == 7 and other.users["u1"].seen("1")
+    assert other.recommend(["u1"])[0].video_ids == eng.recommend(["u1"])[0].video_ids
+
+
+def test_model_swap_keeps_rows_and_refolds():
+    eng = Recommender(make_model())
+    eng.apply(ev("1", "u1", "v1", "like"))
+    eng.recommend(["u1"])
+    row_before = {eng.catalog.items.id_of(i): v for i, v in eng.users["u1"].row.items()}
+    eng.swap_model(make_model(seed=5, version="test-v2"))
+    assert eng.model_version == "test-v2" and eng.users["u1"].factors is None
+    assert {eng.catalog.items.id_of(i): v for i, v in eng.users["u1"].row.items()} == row_before
+    assert eng.recommend(["u1"])[0].strategy == "als"
+
+
+class FakePublisher:
+    """Records sends; confirm() marks them acknowledged (pure-logic unit test only)."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None, object]] = []
+        self.log = log
+
+    def send(self, topic, *, key, value, headers=None, partition=None):
+        self.sent.append((topic, key, value, headers))
+        self.log.append(f"send:{topic}")
+
+    def confirm(self, timeout_s: float = 30.0) -> int:
+        self.log.append("confirm")
+        return 0
+
+
+class FakeConsumer:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.committed = None
+
+    def commit(self, offsets):
+        self.committed = offsets
+        self.log.append("commit")
+
+    def highwater(self, tp):
+        return None
+
+
+class Rec:
+    def __init__(self, offset: int, value: bytes, key: bytes | None, topic: str = "ratings") -> None:
+        self.offset, self.value, self.key, self.topic, self.partition, self.timestamp = offset, value, key, topic, 0, 0
+
+
+def test_loop_checkpoint_order_and_dead_letters():
+    from worker.loop import Worker
+
+    log: list[str] = []
+    w = Worker(settings=WorkerSettings(), kafka=KafkaSettings(), topics=TopicSettings(), model=make_model())
+    w.publisher = FakePublisher(log)  # type: ignore[assignment]
+    w.consumer = FakeConsumer(log)  # type: ignore[assignment]
+    good = ev("g1", "u1", "v1").model_dump_json().encode()
+    batch = {TopicPartition("ratings", 0): [Rec(10, b"garbage", b"u1"), Rec(11, good, b"u1"), Rec(12, good, b"someone-else")]}
+    w.process(batch)
+    topics = [t for t, *_ in w.publisher.sent]
+    assert topics.count("ratings.dlq") == 2
+    # lists -> confirm -> changelog -> confirm -> commit
+    assert log.index("send:recommendations") < log.index("confirm") < log.index("send:refold.state-changelog")
+    assert log[-1] == "commit" and log[-2] == "confirm"
+    assert w.consumer.committed[TopicPartition("ratings", 0)].offset == 13
+    rec = next(v for t, _, v, _ in w.publisher.sent if t == "recommendations")
+    assert decode_recommendations(rec).event_ids == ["g1"]
+    headers = [dict(h) for t, _, _, h in w.publisher.sent if t == "ratings.dlq"]
+    assert {h["refold.error.type"] for h in headers} == {b"invalid_json", b"key_mismatch"}
