@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""Benchmark: refold's worker vs the naive per-event loop a seed user would write.
+
+Setup: the embedded broker; a model of 200k users (with bootstrap rows) and
+100k videos × 64 factors, trained by ``refold bootstrap`` on synthetic data
+(cached under .cache/bench_worker).
+
+Measured in the same run:
+1. sustained events/s from ``ratings`` to ``recommendations``: 100k events
+   spread uniformly over users (little coalescing) are produced first, then a
+   worker process drains them; the rate is events reflected in lists over the
+   time between the first and last list;
+2. end-to-end latency p50/p95/p99 at an offered 1,000 events/s: send time of
+   each event to the arrival of the list that reflects it, same process clock;
+3. the naive loop: per event, implicit ``recommend(..., recalculate_user=True)``
+   on the user's updated row, then produce the list, the same Kafka in and out.
+
+The last line printed is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from worker.brokers.tansu import TansuBroker  # noqa: E402
+from worker.storage import load_model  # noqa: E402
+
+
+def build_model(cache: Path, users: int, videos: int, events: int, factors: int) -> Path:
+    model_dir = cache / f"model-{users}-{videos}-{events}-{factors}"
+    if (model_dir / "manifest.json").exists():
+        return model_dir
+    from worker.train import bootstrap
+
+    from worker.data.synth import synthesize
+
+    data = cache / f"data-{users}-{videos}-{events}"
+    if not (data / "logs.parquet").exists():
+        synthesize(data, users=users, videos=videos, events=events, seed=7, progress=False)
+    bootstrap(
+        data / "logs.parquet",
+        data / "video_stat.parquet",
+        model_dir,
+        factors=factors,
+        iterations=5,  # enough for realistic factor norms; quality is not measured here
+        progress=False,
+    )
+    return model_dir
+
+
+def event_bytes(eid: str, user: str, video: str, watch: float) -> bytes:
+    return json.dumps(
+        {
+            "event_id": eid,
+            "user_id": user,
+            "video_id": video,
+            "action": "view",
+            "watch_seconds": watch,
+            "ts": datetime.now(timezone.utc).isoformat(),
+        }
+    ).encode()
+
+
+class ListReader(threading.Thread):
+    """Records the arrival time of every event id reflected in a list."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(daemon=True)
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            fetch_max_wait_ms=5,
+            auto_offset_reset="earliest",
+        )
+        self.topic = topic
+        self.seen: dict[str, float] = {}
+        self.lists = 0
+        self.first = self.last = 0.0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.consumer.partitions_for_topic(self.topic):
+            time.sleep(0.05)  # topic not created yet
+        tps = [
+            TopicPartition(self.topic, p) for p in self.consumer.partitions_for_topic(self.topic)
+        ]
+        self.consumer.assign(tps)
+        self.consumer.seek_to_beginning(*tps)
+        while not self.stop.is_set():
+            for recs in self.consumer.poll(timeout_ms=50).values():
+                now = time.perf_counter()
+                for r in recs:
+                    doc = json.loads(r.value)
+                    for e in doc["event_ids"]:
+                        self.seen.setdefault(e, now)
+                    self.lists += 1
+                    self.first = self.first or now
+                    self.last = now
+        self.consumer.close()
+
+
+def wait(cond, timeout_s: float, what: str) -> None:
+    end = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def run_worker(
+    bootstrap: str, model_dir: Path, prefix: str, durable: bool
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "REFOLD_BOOTSTRAP_SERVERS": bootstrap,
+        "REFOLD_MODEL": str(model_dir),
+        "REFOLD_GROUP": f"{prefix}-g",
+        "REFOLD_TOPIC_RATINGS": f"{prefix}.ratings",
+        "REFOLD_TOPIC_RECOMMENDATIONS": f"{prefix}.recs",
+        "REFOLD_TOPIC_DLQ": f"{prefix}.dlq",
+        "REFOLD_TOPIC_VIDEOS": f"{prefix}.videos",
+        "REFOLD_TOPIC_CHANGELOG": f"{prefix}.changelog",
+        "REFOLD_TOPIC_CONTROL": f"{prefix}.models",
+        "REFOLD_DURABLE": "true" if durable else "false",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "worker"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def sample_events(
+    rng: np.random.Generator, n: int, users: list[str], videos: list[str]
+) -> list[tuple[str, str, str, float]]:
+    u = rng.integers(0, len(users), n)
+    v = rng.integers(0, len(videos), n)
+    w = rng.uniform(5, 600, n)
+    tag = uuid.uuid4().hex[:6]
+    return [(f"{tag}-{i}", users[u[i]], videos[v[i]], float(w[i])) for i in range(n)]
+
+
+def throughput(bootstrap: str, model_dir: Path, events, durable: bool = True) -> float:
+    prefix = f"tp{uuid.uuid4().hex[:6]}"
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024, acks=1
+    )
+    for eid, user, video, watch in events:
+        producer.send(
+            f"{prefix}.ratings", key=user.encode(), value=event_bytes(eid, user, video, watch)
+        )
+    producer.flush()
+    producer.close()
+    reader = ListReader(bootstrap, f"{prefix}.recs")
+    reader.start()
+    proc = run_worker(bootstrap, model_dir, prefix, durable)
+    try:
+        wait(lambda: len(reader.seen) >= len(events), 900, "all events reflected")
+    finally:
+        stop_worker(proc)
+        reader.stop.set()
+        reader.join()
+    # The first list comes after the worker's start-up; count the events after it.
+    first_batch = sum(1 for t in reader.seen.values() if t <= reader.first)
+    return (len(events) - first_batch) / (reader.last - reader.first)
+
+
+def latency(bootstrap: str, model_dir: Path, events, rate: float) -> dict[str, float]:
+    prefix = f"lat{uuid.uuid4().hex[:6]}"
+    reader = ListReader(bootstrap, f"{prefix}.recs")
+    reader.start()
+    proc = run_worker(bootstrap, model_dir, prefix, durable=True)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
+    try:
+        # Warm up: the group join and the first fetches are not steady state.
+        producer.send(
+            f"{prefix}.ratings", key=b"warm", value=event_bytes("warm", "warm", events[0][2], 1.0)
+        )
+        producer.flush()
+        wait(lambda: "warm" in reader.seen, 120, "warm-up list")
+        sent: dict[str, float] = {}
+        start = time.perf_counter()
+        for i, (eid, user, video, watch) in enumerate(events):
+            due = start + i / rate
+            while (now := time.perf_counter()) < due:
+                time.sleep(min(0.001, due - now))
+            sent[eid] = time.perf_counter()
+            producer.send(
+                f"{prefix}.ratings", key=user.encode(), value=event_bytes(eid, user, video, watch)
+            )
+        producer.flush()
+        offered = len(events) / (time.perf_counter() - start)
+        wait(lambda: all(e in reader.seen for e in sent), 120, "latency events")
+    finally:
+        producer.close()
+        stop_worker(proc)
+        reader.stop.set()
+        reader.join()
+    lat = np.array([(reader.seen[e] - t) * 1000.0 for e, t in sent.items()])
+    return {
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "offered_events_per_s": offered,
+    }
+
+
+def naive(bootstrap: str, model_dir: Path, events) -> float:
+    """The loop a seed user writes: per event, recalculate_user + recommend, then produce."""
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    m = load_model(model_dir)
+    als = AlternatingLeastSquares(
+        factors=m.params.factors, regularization=m.params.regularization, alpha=m.params.alpha
+    )
+    als.user_factors = m.user_factors
+    als.item_factors = m.item_factors
+    rows = m.user_rows.tolil()  # a mutable per-user history, as the seed keeps it
+    prefix = f"nv{uuid.uuid4().hex[:6]}"
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks=1)
+    for eid, user, video, watch in events:
+        producer.send(
+            f"{prefix}.ratings", key=user.encode(), value=event_bytes(eid, user, video, watch)
+        )
+    producer.flush()
+    consumer = KafkaConsumer(
+        f"{prefix}.ratings",
+        bootstrap_servers=bootstrap,
+        group_id=f"{prefix}-g",
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=10,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        enable_auto_commit=False,
+    )
+    durations = dict(zip(m.items.ids, m.videos.duration_s.tolist(), strict=True))
+    done = 0
+    start = None
+    with threadpool_limits(1, "blas"):
+        while done < len(events):
+            for recs in consumer.poll(timeout_ms=200, max_records=500).values():
+                start = start or time.perf_counter()
+                for r in recs:
+                    e = json.loads(r.value)
+                    uid = m.users.get(e["user_id"])
+                    iid = m.items.get(e["video_id"])
+                    rows[uid, iid] += min(e["watch_seconds"] / durations[e["video_id"]], 1.0)
+                    user_items = sp.csr_matrix(rows[uid])
+                    ids, scores = als.recommend(
+                        uid,
+                        user_items,
+                        N=10,
+                        filter_already_liked_items=True,
+                        recalculate_user=True,
+                    )
+                    doc = {
+                        "user_id": e["user_id"],
+                        "items": [
+                            {"video_id": m.items.id_of(int(i)), "score": float(s)}
+                            for i, s in zip(ids, scores, strict=True)
+                        ],
+                        "event_ids": [e["event_id"]],
+                    }
+                    producer.send(f"{prefix}.recs", key=r.key, value=json.dumps(doc).encode())
+                    done += 1
+                consumer.commit()
+    producer.flush()
+    elapsed = time.perf_counter() - start
+    consumer.close()
+    producer.close()
+    return len(events) / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--users", type=int, default=200_000)
+    ap.add_argument("--videos", type=int, default=100_000)
+    ap.add_argument("--train-events", type=int, default=3_000_000)
+    ap.add_argument("--factors", type=int, default=64)
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--naive-events", type=int, default=3_000)
+    ap.add_argument("--latency-events", type=int, default=10_000)
+    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench_worker")
+    args = ap.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model_dir = build_model(args.cache, args.users, args.videos, args.train_events, args.factors)
+    m = load_model(model_dir)
+    users, videos = list(m.users.ids), list(m.items.ids)
+    print(
+        f"model ready in {time.perf_counter() - t0:.0f}s: {len(users)} users, {len(videos)} videos",
+        flush=True,
+    )
+    rng = np.random.default_rng(3)
+    with TansuBroker() as broker:
+        bs = broker.bootstrap_servers
+        eps = throughput(bs, model_dir, sample_events(rng, args.events, users, videos))
+        print(f"refold: {eps:.0f} events/s", flush=True)
+        lat = latency(
+            bs, model_dir, sample_events(rng, args.latency_events, users, videos), args.rate
+        )
+        print(f"latency: {lat}", flush=True)
+        naive_eps = naive(bs, model_dir, sample_events(rng, args.naive_events, users, videos))
+        print(f"naive: {naive_eps:.0f} events/s", flush=True)
+    result = {
+        "events_per_s": round(eps, 1),
+        "naive_events_per_s": round(naive_eps, 1),
+        "speedup": round(eps / naive_eps, 2),
+        **{k: round(v, 2) for k, v in lat.items()},
+        "users": len(users),
+        "videos": len(videos),
+        "factors": args.factors,
+        "events": args.events,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""docker-compose.yml checked against the config model (Docker cannot run here)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from worker.config import TopicSettings, WorkerSettings, env_names
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_services_present():
+    services = _compose()["services"]
+    assert {"kafka", "topics", "bootstrap", "worker"} <= set(services)
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    assert "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft, no ZooKeeper
+    assert services["worker"]["build"] == "." and (ROOT / "Dockerfile").is_file()
+
+
+def test_refold_env_names_exist_in_config():
+    known = env_names()
+    for name, svc in _compose()["services"].items():
+        for var in (svc.get("environment") or {}):
+            if var.startswith("REFOLD_"):
+                assert var in known, f"{name}: {var} is not a setting"
+
+
+def test_topics_created_match_config():
+    compose = _compose()
+    env = compose["services"]["worker"]["environment"]
+    topics = TopicSettings(**{
+        k.removeprefix("REFOLD_TOPIC_").lower(): v for k, v in env.items() if k.startswith("REFOLD_TOPIC_")
+    })
+    script = "\n".join(compose["services"]["topics"]["command"])
+    created = dict(re.findall(r"--topic (\S+) --partitions (\d+)", script))
+    assert set(created) == set(topics.model_dump().values())
+    assert created[topics.ratings] == created[topics.changelog] == created[topics.recommendations]
+    for compacted in (topics.changelog, topics.videos, topics.control):
+        assert re.search(rf"--topic {re.escape(compacted)} .*cleanup.policy=compact", script)
+
+
+def test_ports_bind_loopback_and_worker_uses_model_volume():
+    services = _compose()["services"]
+    for svc in services.values():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:")
+    worker_env = services["worker"]["environment"]
+    assert worker_env["REFOLD_MODEL"].startswith("/models")
+    assert WorkerSettings().metrics_host == "127.0.0.1"  # default stays on loopback
