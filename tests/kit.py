@@ -44,12 +44,20 @@ def make_model(
     factors: int = 8,
     per_user: int = 6,
     seed: int = 0,
+    factor_seed: int | None = None,
     version: str = "test-v1",
 ) -> Model:
-    """A small model whose user factors are the exact fold-in of its rows."""
+    """A small model whose user factors are the exact fold-in of its rows.
+
+    ``factor_seed`` changes the item factors only (same rows): a "retrained" model.
+    """
     rng = np.random.default_rng(seed)
     n_cats = 4
     item_factors = (rng.standard_normal((n_items, factors)) * 0.3).astype(np.float32)
+    if factor_seed is not None:
+        item_factors = (
+            np.random.default_rng(factor_seed).standard_normal((n_items, factors)) * 0.3
+        ).astype(np.float32)
     rows, cols, vals = [], [], []
     for u in range(n_users):
         picked = rng.choice(n_items, size=per_user, replace=False)
@@ -61,7 +69,10 @@ def make_model(
     )
     params = AlsParams(factors=factors, regularization=0.1, alpha=10.0, iterations=1)
     user_rows = [
-        (csr.indices[csr.indptr[u] : csr.indptr[u + 1]], csr.data[csr.indptr[u] : csr.indptr[u + 1]])
+        (
+            csr.indices[csr.indptr[u] : csr.indptr[u + 1]],
+            csr.data[csr.indptr[u] : csr.indptr[u + 1]],
+        )
         for u in range(n_users)
     ]
     user_factors = fold_in(

@@ -82,11 +82,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = WorkerSettings(**over)
     if args.check:
         return _health_check(settings.metrics_host, settings.metrics_port)
-    from worker.loop import Worker
+    from worker.loop import Worker, install_stop_handlers
     from worker.storage import load_model
 
+    # A stop signal during start-up (model load, group join) is honoured too.
+    stopping = threading.Event()
+    install_stop_handlers(stopping)
     model = load_model(settings.model)
-    worker = Worker(settings=settings, kafka=_kafka(args), topics=_topics(args), model=model)
+    worker = Worker(
+        settings=settings, kafka=_kafka(args), topics=_topics(args), model=model, stopping=stopping
+    )
     worker.install_signal_handlers()
     return worker.run()
 

@@ -52,6 +52,17 @@ log = logging.getLogger(__name__)
 _POLL_TIMEOUT_MS = 100
 
 
+def install_stop_handlers(stopping: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stopping``: the loop finishes its batch, commits, exits 0."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: finishing the current batch, then stopping", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -74,6 +85,7 @@ class Worker:
         topics: TopicSettings,
         model: Model,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        stopping: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self.kafka = kafka
@@ -84,7 +96,7 @@ class Worker:
         )
         self.metrics = WorkerMetrics()
         self.metrics.model_info.labels(model.version).set(1)
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()
         self.owned: set[int] = set()
         self._pending_model: Model | None = None
         self._loading: threading.Thread | None = None
@@ -95,16 +107,11 @@ class Worker:
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT finish the batch in hand, then stop; SIGHUP reloads --model."""
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            log.info("signal %s: finishing the current batch, then stopping", signum)
-            self.stopping.set()
+        install_stop_handlers(self.stopping)
 
         def reload(signum: int, frame: FrameType | None) -> None:
             self.request_model(str(self.settings.model))
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
 
     def _setup(self) -> None:
@@ -156,6 +163,8 @@ class Worker:
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code."""
+        if self.stopping.is_set():
+            return 0
         self._setup()
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)

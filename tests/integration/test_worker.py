@@ -40,17 +40,27 @@ def _lists(reader: TopicReader) -> list[dict]:
     return reader.json_values()
 
 
-def test_valid_and_malformed_events(broker: str, tiny_model_dir: Path, topics: Topics, producer, tmp_path: Path):
+def test_valid_and_malformed_events(
+    broker: str, tiny_model_dir: Path, topics: Topics, producer, tmp_path: Path
+):
     """Each touched user gets one list per batch; each bad message lands in the DLQ with reasons."""
     model = make_model()
     user_rows = {u: model.row_of(i) for i, u in enumerate(model.users.ids)}
     bad = [
         b"\xff\xfe not utf8",
         b"{not json",
-        json.dumps({"event_id": "b1", "user_id": "u1", "video_id": "v1", "action": "love", "ts": TS}).encode(),
-        json.dumps({"event_id": "b2", "user_id": "u1", "video_id": "v1", "action": "view", "ts": TS}).encode(),
-        b'{"event_id":"b3","user_id":"u1","video_id":"v1","action":"view","watch_seconds":NaN,"ts":"' + TS.encode() + b'"}',
-        json.dumps({"event_id": "b4", "user_id": "u\n1", "video_id": "v1", "action": "like", "ts": TS}).encode(),
+        json.dumps(
+            {"event_id": "b1", "user_id": "u1", "video_id": "v1", "action": "love", "ts": TS}
+        ).encode(),
+        json.dumps(
+            {"event_id": "b2", "user_id": "u1", "video_id": "v1", "action": "view", "ts": TS}
+        ).encode(),
+        b'{"event_id":"b3","user_id":"u1","video_id":"v1","action":"view","watch_seconds":NaN,"ts":"'
+        + TS.encode()
+        + b'"}',
+        json.dumps(
+            {"event_id": "b4", "user_id": "u\n1", "video_id": "v1", "action": "like", "ts": TS}
+        ).encode(),
     ]
     valid = [("e1", "u1", "v3", "like"), ("e2", "u2", "v4", "dislike"), ("e3", "u1", "v5", "view")]
     for i, (eid, u, v, a) in enumerate(valid):
@@ -60,11 +70,15 @@ def test_valid_and_malformed_events(broker: str, tiny_model_dir: Path, topics: T
     producer.flush()
     recs = TopicReader(broker, topics.settings.recommendations)
     dlq = TopicReader(broker, topics.settings.dlq)
-    with_worker = WorkerProcess(bootstrap=broker, model=tiny_model_dir, topics=topics, log_path=tmp_path / "w.log").start()
+    with_worker = WorkerProcess(
+        bootstrap=broker, model=tiny_model_dir, topics=topics, log_path=tmp_path / "w.log"
+    ).start()
     try:
         dlq.wait_for(lambda rs: len(rs) >= len(bad), timeout_s=60, what="dead letters")
         lists = recs.wait_for(
-            lambda rs: {e for r in rs for e in json.loads(r.value)["event_ids"]} >= {"e1", "e2", "e3"},
+            lambda rs: (
+                {e for r in rs for e in json.loads(r.value)["event_ids"]} >= {"e1", "e2", "e3"}
+            ),
             timeout_s=60,
             what="lists for all valid events",
         )
@@ -93,9 +107,13 @@ def test_valid_and_malformed_events(broker: str, tiny_model_dir: Path, topics: T
     dlq.close()
 
 
-def test_new_user_goes_from_popular_to_personal_and_new_video(broker, tiny_model_dir, topics, producer, tmp_path):
+def test_new_user_goes_from_popular_to_personal_and_new_video(
+    broker, tiny_model_dir, topics, producer, tmp_path
+):
     """A new user starts popular; likes make the list personal; an announced video is recommendable."""
-    worker = WorkerProcess(bootstrap=broker, model=tiny_model_dir, topics=topics, log_path=tmp_path / "w.log").start()
+    worker = WorkerProcess(
+        bootstrap=broker, model=tiny_model_dir, topics=topics, log_path=tmp_path / "w.log"
+    ).start()
     recs = TopicReader(broker, topics.settings.recommendations)
     try:
         producer.dislike("newbie", "v7", event_id="n1")
@@ -106,8 +124,12 @@ def test_new_user_goes_from_popular_to_personal_and_new_video(broker, tiny_model
         # Announce a new video in the liked category; then like videos of that category.
         producer.announce_video(
             VideoEvent(
-                video_id="fresh", duration_seconds=300, category="cat1", author_id="a1",
-                title="fresh", published_at=datetime.now(timezone.utc),
+                video_id="fresh",
+                duration_seconds=300,
+                category="cat1",
+                author_id="a1",
+                title="fresh",
+                published_at=datetime.now(timezone.utc),
             )
         )
         producer.flush()
@@ -127,7 +149,9 @@ def test_new_user_goes_from_popular_to_personal_and_new_video(broker, tiny_model
         producer.view("u3", "never-heard-of", watch_seconds=30, event_id="f2")
         producer.flush()
         recs.wait_for(
-            lambda rs: any("f2" in json.loads(r.value)["event_ids"] for r in rs), timeout_s=60, what="u3"
+            lambda rs: any("f2" in json.loads(r.value)["event_ids"] for r in rs),
+            timeout_s=60,
+            what="u3",
         )
         assert worker.terminate() == 0
     finally:
@@ -140,7 +164,9 @@ def test_sigterm_loses_nothing(broker, tiny_model_dir, topics, producer, tmp_pat
     n = 300
     log = tmp_path / "w.log"
     recs = TopicReader(broker, topics.settings.recommendations)
-    worker = WorkerProcess(bootstrap=broker, model=tiny_model_dir, topics=topics, log_path=log).start()
+    worker = WorkerProcess(
+        bootstrap=broker, model=tiny_model_dir, topics=topics, log_path=log
+    ).start()
     try:
         for i in range(n // 2):
             producer.like(f"u{i % 40}", f"v{(i * 7) % 120}", event_id=f"s{i}")
@@ -150,7 +176,9 @@ def test_sigterm_loses_nothing(broker, tiny_model_dir, topics, producer, tmp_pat
         for i in range(n // 2, n):
             producer.like(f"u{i % 40}", f"v{(i * 7) % 120}", event_id=f"s{i}")
         producer.flush()
-        worker = WorkerProcess(bootstrap=broker, model=tiny_model_dir, topics=topics, log_path=log).start()
+        worker = WorkerProcess(
+            bootstrap=broker, model=tiny_model_dir, topics=topics, log_path=log
+        ).start()
         recs.wait_for(
             lambda rs: len({e for r in rs for e in json.loads(r.value)["event_ids"]}) >= n,
             timeout_s=90,

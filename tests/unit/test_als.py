@@ -115,6 +115,6 @@ def test_top_k_pruning_prunes_but_stays_exact():
     y *= (norms / np.linalg.norm(y, axis=1))[:, None]
     x = rng.standard_normal((20, f)).astype(np.float32)
     ex = [np.array([], np.int64)] * 20
-    items, scores = top_k(ItemIndex.build(y), x, ex, 10)
+    _items, scores = top_k(ItemIndex.build(y), x, ex, 10)
     _, ref_scores = top_k_reference(y, x, ex, 10)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)

@@ -28,7 +28,7 @@ def test_services_present():
 def test_refold_env_names_exist_in_config():
     known = env_names()
     for name, svc in _compose()["services"].items():
-        for var in (svc.get("environment") or {}):
+        for var in svc.get("environment") or {}:
             if var.startswith("REFOLD_"):
                 assert var in known, f"{name}: {var} is not a setting"
 
@@ -36,9 +36,13 @@ def test_refold_env_names_exist_in_config():
 def test_topics_created_match_config():
     compose = _compose()
     env = compose["services"]["worker"]["environment"]
-    topics = TopicSettings(**{
-        k.removeprefix("REFOLD_TOPIC_").lower(): v for k, v in env.items() if k.startswith("REFOLD_TOPIC_")
-    })
+    topics = TopicSettings(
+        **{
+            k.removeprefix("REFOLD_TOPIC_").lower(): v
+            for k, v in env.items()
+            if k.startswith("REFOLD_TOPIC_")
+        }
+    )
     script = "\n".join(compose["services"]["topics"]["command"])
     created = dict(re.findall(r"--topic (\S+) --partitions (\d+)", script))
     assert set(created) == set(topics.model_dump().values())

@@ -18,8 +18,12 @@ from worker.core.wire import RatingEvent, VideoEvent, decode_recommendations
 NOW = datetime(2026, 11, 29, 10, tzinfo=timezone.utc)
 
 
-def ev(eid: str, user: str, video: str, action: str = "like", watch: float | None = None) -> RatingEvent:
-    return RatingEvent(event_id=eid, user_id=user, video_id=video, action=action, watch_seconds=watch, ts=NOW)
+def ev(
+    eid: str, user: str, video: str, action: str = "like", watch: float | None = None
+) -> RatingEvent:
+    return RatingEvent(
+        event_id=eid, user_id=user, video_id=video, action=action, watch_seconds=watch, ts=NOW
+    )
 
 
 def src(offset: int, partition: int = 0) -> Source:
@@ -31,7 +35,7 @@ def test_known_user_starts_from_bootstrap_row_and_factors():
     eng = Recommender(model)
     st = eng.state_of("u3")
     cols, vals = model.row_of(3)
-    assert st.row == {int(c): pytest.approx(float(v)) for c, v in zip(cols, vals)}
+    assert st.row == {int(c): pytest.approx(float(v)) for c, v in zip(cols, vals, strict=False)}
     np.testing.assert_array_equal(st.factors, model.user_factors[3])
 
 
@@ -43,8 +47,13 @@ def test_fold_in_after_event_equals_solve_of_full_row():
     st = eng.users["u3"]
     cols = np.array(list(st.row), dtype=np.int64)
     vals = np.array(list(st.row.values()), dtype=np.float32)
-    expected = fold_in(model.item_factors, model.item_factors.T @ model.item_factors, [(cols, vals)],
-                       regularization=model.params.regularization, alpha=model.params.alpha)[0]
+    expected = fold_in(
+        model.item_factors,
+        model.item_factors.T @ model.item_factors,
+        [(cols, vals)],
+        regularization=model.params.regularization,
+        alpha=model.params.alpha,
+    )[0]
     np.testing.assert_allclose(st.factors, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -74,11 +83,17 @@ def test_popular_demotes_disliked_category():
     eng = Recommender(model)
     plain = eng.recommend(["fresh"])[0].video_ids
     top_cat = eng.catalog.category_of(eng.catalog.items.get(plain[0]))
-    disliked = next(v for v in model.items.ids if eng.catalog.category_of(model.items.get(v)) == top_cat and v not in plain)
+    disliked = next(
+        v
+        for v in model.items.ids
+        if eng.catalog.category_of(model.items.get(v)) == top_cat and v not in plain
+    )
     eng.apply(ev("a", "fresh2", disliked, "dislike"))
     demoted = eng.recommend(["fresh2"])[0].video_ids
     cats = [eng.catalog.category_of(eng.catalog.items.get(v)) for v in demoted]
-    assert cats.count(top_cat) < [eng.catalog.category_of(eng.catalog.items.get(v)) for v in plain].count(top_cat)
+    assert cats.count(top_cat) < [
+        eng.catalog.category_of(eng.catalog.items.get(v)) for v in plain
+    ].count(top_cat)
 
 
 def test_dedup_by_event_id_and_by_source_offset():
@@ -91,7 +106,11 @@ def test_dedup_by_event_id_and_by_source_offset():
 
 def test_row_is_order_independent():
     a, b = Recommender(make_model()), Recommender(make_model())
-    events = [ev("1", "u", "v1", "view", 100.0), ev("2", "u", "v1", "like"), ev("3", "u", "v2", "dislike")]
+    events = [
+        ev("1", "u", "v1", "view", 100.0),
+        ev("2", "u", "v1", "like"),
+        ev("3", "u", "v2", "dislike"),
+    ]
     for e in events:
         a.apply(e)
     for e in reversed(events):
@@ -101,9 +120,17 @@ def test_row_is_order_independent():
 
 def test_new_video_prior_then_item_fold_in():
     eng = Recommender(make_model())
-    idx = eng.register_video(VideoEvent(video_id="fresh", duration_seconds=60, category="cat1", author_id="a1", published_at=NOW))
+    idx = eng.register_video(
+        VideoEvent(
+            video_id="fresh", duration_seconds=60, category="cat1", author_id="a1", published_at=NOW
+        )
+    )
     prior = eng.catalog.factors[idx].copy()
-    same = [i for i in range(eng.catalog.n_base) if eng.catalog.category_of(i) == eng.catalog.categories.get("cat1")]
+    same = [
+        i
+        for i in range(eng.catalog.n_base)
+        if eng.catalog.category_of(i) == eng.catalog.categories.get("cat1")
+    ]
     assert np.linalg.norm(prior) > 0
     assert np.dot(prior, eng.catalog.factors[same].mean(axis=0)) > 0
     eng.apply(ev("a", "u1", "fresh", "like"))
@@ -116,7 +143,12 @@ def test_new_video_prior_then_item_fold_in():
 
 def test_handler_coalesces_users_and_reports():
     eng = Recommender(make_model())
-    batch = [(ev("1", "u1", "v1"), src(0)), (ev("2", "u2", "v2"), src(1)), (ev("3", "u1", "v3"), src(2)), (ev("1", "u1", "v1"), src(3))]
+    batch = [
+        (ev("1", "u1", "v1"), src(0)),
+        (ev("2", "u2", "v2"), src(1)),
+        (ev("3", "u1", "v3"), src(2)),
+        (ev("1", "u1", "v1"), src(3)),
+    ]
     out = handle_batch(eng, batch, [], now=NOW)
     assert out.applied == 3 and out.duplicates == 1
     assert sorted(r.user_id for r in out.recommendations) == ["u1", "u2"]
@@ -176,24 +208,45 @@ class FakeConsumer:
 
 
 class Rec:
-    def __init__(self, offset: int, value: bytes, key: bytes | None, topic: str = "ratings") -> None:
-        self.offset, self.value, self.key, self.topic, self.partition, self.timestamp = offset, value, key, topic, 0, 0
+    def __init__(
+        self, offset: int, value: bytes, key: bytes | None, topic: str = "ratings"
+    ) -> None:
+        self.offset, self.value, self.key, self.topic, self.partition, self.timestamp = (
+            offset,
+            value,
+            key,
+            topic,
+            0,
+            0,
+        )
 
 
 def test_loop_checkpoint_order_and_dead_letters():
     from worker.loop import Worker
 
     log: list[str] = []
-    w = Worker(settings=WorkerSettings(), kafka=KafkaSettings(), topics=TopicSettings(), model=make_model())
+    w = Worker(
+        settings=WorkerSettings(), kafka=KafkaSettings(), topics=TopicSettings(), model=make_model()
+    )
     w.publisher = FakePublisher(log)  # type: ignore[assignment]
     w.consumer = FakeConsumer(log)  # type: ignore[assignment]
     good = ev("g1", "u1", "v1").model_dump_json().encode()
-    batch = {TopicPartition("ratings", 0): [Rec(10, b"garbage", b"u1"), Rec(11, good, b"u1"), Rec(12, good, b"someone-else")]}
+    batch = {
+        TopicPartition("ratings", 0): [
+            Rec(10, b"garbage", b"u1"),
+            Rec(11, good, b"u1"),
+            Rec(12, good, b"someone-else"),
+        ]
+    }
     w.process(batch)
     topics = [t for t, *_ in w.publisher.sent]
     assert topics.count("ratings.dlq") == 2
     # lists -> confirm -> changelog -> confirm -> commit
-    assert log.index("send:recommendations") < log.index("confirm") < log.index("send:refold.state-changelog")
+    assert (
+        log.index("send:recommendations")
+        < log.index("confirm")
+        < log.index("send:refold.state-changelog")
+    )
     assert log[-1] == "commit" and log[-2] == "confirm"
     assert w.consumer.committed[TopicPartition("ratings", 0)].offset == 13
     rec = next(v for t, _, v, _ in w.publisher.sent if t == "recommendations")
