@@ -53,9 +53,10 @@ How the seed's arguments map onto refold:
   list of ``(video_id, reaction)`` pairs. Each becomes one rating event.
   ``"not_watched"`` (also ``"not watched"``/``"skip"``) records an impression:
   a view of 0 seconds that adds no signal but keeps the video out of later lists.
-* ``watched_videos``: video ids (each a full watch, ``duration`` seconds) or
-  ``(video_id, watch_seconds)`` pairs. Each becomes one view event, scored by
-  the watched fraction as in :class:`worker.core.scoring.Weights`.
+* ``watched_videos``: video ids (each a full watch, ``duration`` seconds),
+  ``(video_id, watch_seconds)`` pairs or a ``{video_id: watch_seconds}``
+  dict. Each becomes one view event, scored by the watched fraction as in
+  :class:`worker.core.scoring.Weights`.
 * Every call of :func:`run_recommendation_system` rebuilds the user from
   exactly these arguments (on top of their bootstrap row when the user id is
   known to the model), so calling it again with the grown dict, as snippet 2
@@ -81,12 +82,22 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from worker.core.engine import Recommender, UserList
 from worker.core.ids import IdMap
 from worker.core.model import Model
 from worker.core.scoring import Weights
 from worker.core.wire import TOP_K, RatingEvent
+from worker.data.ingest import (
+    LAYOUTS,
+    MAX_WATCH_DURATIONS,
+    MAX_WATCH_S,
+    MS_DETECT_THRESHOLD,
+    ColumnMapping,
+    DurationUnit,
+    build_interactions,
+)
 from worker.errors import ConfigError, DataError, ModelError
 from worker.storage import load_model
 
@@ -101,7 +112,7 @@ RANDOM_WEIGHTS = (4.0, 1.0, 2.0)
 
 AnswerPolicy = Literal["truth", "random"]
 RatingsLike = Mapping[str, str] | Iterable[tuple[str, str]]
-WatchedLike = Iterable[str | tuple[str, float]]
+WatchedLike = Mapping[str, float] | Iterable[str | tuple[str, float]]
 
 
 # ---- id maps -------------------------------------------------------------------------------
@@ -162,7 +173,7 @@ class InteractionMatrix(NamedTuple):
     ``alpha``); ``user_index`` / ``video_index`` map ids to its rows / columns.
     """
 
-    matrix: Any  # scipy.sparse.csr_matrix
+    matrix: sp.csr_matrix
     user_index: IdIndex
     video_index: IdIndex
 
@@ -196,6 +207,8 @@ def _pairs(ratings: RatingsLike | None) -> list[tuple[str, str]]:
 def _watches(watched: WatchedLike | None) -> list[tuple[str, float | None]]:
     if watched is None:
         return []
+    if isinstance(watched, Mapping):
+        return [(str(v), float(sec)) for v, sec in watched.items()]
     out: list[tuple[str, float | None]] = []
     for entry in watched:
         if isinstance(entry, (tuple, list)):
@@ -214,7 +227,9 @@ class Session:
 
     It wraps :class:`~worker.core.engine.Recommender`, so ratings fold a user in
     with the exact ALS normal equations, and the ranking, filtering and
-    popularity fallback are the worker's.
+    popularity fallback are the worker's. Events are scored with ``weights``,
+    by default the weights the model was trained with (see
+    :func:`training_weights`), so a fold-in sees the same scale as training.
     """
 
     def __init__(
@@ -228,6 +243,7 @@ class Session:
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k}")
         self.model = model
+        weights = weights or training_weights(model)
         self.recommender = Recommender(model, weights=weights, k=k)
         self.k = k
         self.strict = strict
@@ -328,12 +344,13 @@ class Session:
     def recommend_lists(self, user_ids: Sequence[str], n: int | None = None) -> list[UserList]:
         """Ranked lists with scores and strategy (``als`` or ``popular``), one batched solve."""
         rec = self.recommender
+        k = self.k if n is None else n
+        if k < 1:
+            raise ConfigError(f"n must be >= 1, got {k}")
         ids = [str(u) for u in user_ids]
-        if n is None or n == rec.k:
+        if k == rec.k:
             return rec.recommend(ids)
-        if n < 1:
-            raise ConfigError(f"n must be >= 1, got {n}")
-        saved, rec.k = rec.k, n
+        saved, rec.k = rec.k, k
         try:
             return rec.recommend(ids)
         finally:
@@ -358,6 +375,16 @@ class Session:
         self.reset(user_id)
         self.apply(user_id, initial_ratings, watched_videos)
         return self.recommend(user_id, n)
+
+
+def training_weights(model: Model) -> Weights | None:
+    """The confidence weights recorded in the model's manifest by bootstrap, if any."""
+    summary = model.manifest.get("data_summary") or {}
+    recorded = (summary.get("training") or {}).get("weights")
+    if not isinstance(recorded, Mapping):
+        return None
+    known = set(Weights.__dataclass_fields__)
+    return Weights(**{k: float(v) for k, v in recorded.items() if k in known})
 
 
 _current: Session | None = None
@@ -489,23 +516,26 @@ def create_interaction_matrix_in_batches(
     *,
     reactions_path: str | Path | None = None,
     weights: Weights | None = None,
-    **ingest_options: Any,
+    mapping: ColumnMapping | None = None,
+    duration_unit: DurationUnit = "auto",
+    progress: bool = False,
 ) -> InteractionMatrix:
     """The (users × videos) confidence matrix, built from Parquet ``batch_size`` rows at a time.
 
-    Delegates to :mod:`worker.data.ingest` (the reader bootstrap uses), so the
-    values are exactly what training sees. Returns ``(matrix, user_index,
+    Delegates to :func:`worker.data.ingest.build_interactions` (the reader
+    bootstrap uses), so the values are exactly what training sees; paths may
+    also be directories or globs. Returns ``(matrix, user_index,
     video_index)``: see :class:`InteractionMatrix`.
     """
-    from worker.data import ingest
-
-    result = ingest.build_interactions(  # type: ignore[attr-defined]
+    result = build_interactions(
         Path(logs_path),
         Path(videos_path),
         reactions=None if reactions_path is None else Path(reactions_path),
         batch_size=batch_size,
         weights=weights,
-        **ingest_options,
+        mapping=mapping,
+        duration_unit=duration_unit,
+        progress=progress,
     )
     return InteractionMatrix(result.matrix, IdIndex(result.users), IdIndex(result.items))
 
@@ -515,45 +545,84 @@ def preprocess_logs_batch(
     videos_df: pd.DataFrame,
     *,
     weights: Weights | None = None,
-    user_col: str = "viewer_uid",
-    video_col: str = "rutube_video_id",
-    watch_col: str = "total_watchtime",
-    videos_id_col: str = "video_id",
-    duration_col: str = "duration",
-    duration_unit: Literal["s", "ms"] = "s",
+    mapping: ColumnMapping | None = None,
+    duration_unit: DurationUnit = "auto",
 ) -> pd.DataFrame:
     """One pandas batch of watch logs → ``user_id, video_id, value`` (summed per pair).
 
-    ``value`` follows :class:`~worker.core.scoring.Weights` exactly:
-    ``view × min(watchtime / duration, watch_cap)`` per view, summed over the
-    pair's views. A video missing from ``videos_df`` (or with a duration that
-    is not positive) counts as ``default_duration_s`` long. ``duration_unit``
-    says how ``videos_df`` stores durations (the Rutube dump stores ms).
+    The pandas twin of what :mod:`worker.data.ingest` does to each Parquet batch,
+    with the same rules, so the values equal the view part of the training matrix:
+
+    * columns come from the seed layout (``viewer_uid``, ``rutube_video_id``,
+      ``total_watchtime``; ``video_id``, ``duration``) or the hackathon layout,
+      detected from the names, with ``mapping`` overriding any of them;
+    * ``duration_unit="auto"`` reads durations as milliseconds when their
+      median is above :data:`~worker.data.ingest.MS_DETECT_THRESHOLD`;
+    * a row is dropped when its user or video id is null, its video is not in
+      ``videos_df``, or its watch time is missing, ≤ 0, over a day or over ten
+      times the duration (ingest counts these as skipped);
+    * ``value = view × min(watchtime / duration, watch_cap)`` per view
+      (:class:`~worker.core.scoring.Weights`), where a video with a missing or
+      non-positive duration counts as ``default_duration_s`` long.
     """
     w = weights or Weights()
-    missing = [c for c in (user_col, video_col, watch_col) if c not in batch_df.columns]
-    if missing:
-        raise DataError(f"log batch lacks columns {missing}; has {list(batch_df.columns)}")
-    if videos_id_col not in videos_df.columns or duration_col not in videos_df.columns:
-        raise DataError(f"videos lack {videos_id_col!r} or {duration_col!r}")
-    scale = 1000.0 if duration_unit == "ms" else 1.0
-    durations = pd.Series(
-        pd.to_numeric(videos_df[duration_col], errors="coerce").to_numpy(np.float64) / scale,
-        index=videos_df[videos_id_col].astype(str),
-    )
-    durations = durations[~durations.index.duplicated(keep="last")]
-    video = batch_df[video_col].astype(str)
-    dur = video.map(durations).to_numpy(np.float64)
-    dur = np.where(np.isfinite(dur) & (dur > 0), dur, w.default_duration_s)
-    watch = pd.to_numeric(batch_df[watch_col], errors="coerce").fillna(0.0).to_numpy(np.float64)
+    overrides = {k: v for k, v in (mapping or ColumnMapping()).model_dump().items() if v}
+    cols = _pick_layout(LAYOUTS, overrides, batch_df.columns, _LOG_ROLES, "log batch")
+    vcols = _pick_layout(LAYOUTS, overrides, videos_df.columns, _VIDEO_ROLES, "videos")
+    vid = videos_df[vcols["video_id"]]
+    raw = pd.to_numeric(videos_df[vcols["video_duration"]], errors="coerce").to_numpy(np.float64)
+    if duration_unit == "auto":
+        positive = raw[np.isfinite(raw) & (raw > 0)]
+        median = float(np.median(positive)) if len(positive) else float("nan")
+        duration_unit = "ms" if median > MS_DETECT_THRESHOLD else "s"
+    seconds = raw / 1000.0 if duration_unit == "ms" else raw
+    seconds = np.where(np.isfinite(seconds) & (seconds > 0), seconds, np.nan)
+    keep = vid.notna().to_numpy()
+    durations = pd.Series(seconds[keep], index=vid[keep].astype(str).to_numpy())
+    durations = durations[~durations.index.duplicated(keep="first")]
+
+    user = batch_df[cols["log_user"]]
+    video = batch_df[cols["log_video"]]
+    ok = (user.notna() & video.notna()).to_numpy()
+    video_s = video.astype(str)
+    known = video_s.isin(durations.index).to_numpy()
+    dur = video_s.map(durations).to_numpy(np.float64)
+    watch = pd.to_numeric(batch_df[cols["log_watchtime"]], errors="coerce").to_numpy(np.float64)
+    with np.errstate(invalid="ignore"):
+        ok = ok & known & np.isfinite(watch) & (watch > 0) & (watch <= MAX_WATCH_S)
+        ok = ok & ~(watch > MAX_WATCH_DURATIONS * dur)  # a NaN duration compares False
+    dur = np.where(np.isnan(dur), w.default_duration_s, dur)
     frame = pd.DataFrame(
         {
-            "user_id": batch_df[user_col].astype(str).to_numpy(),
-            "video_id": video.to_numpy(),
-            "value": w.view_values(np.maximum(watch, 0.0), dur),
+            "user_id": user[ok].astype(str).to_numpy(),
+            "video_id": video_s[ok].to_numpy(),
+            "value": w.view_values(watch[ok], dur[ok]),
         }
     )
     return frame.groupby(["user_id", "video_id"], as_index=False, sort=False)["value"].sum()
+
+
+_LOG_ROLES = ("log_user", "log_video", "log_watchtime")
+_VIDEO_ROLES = ("video_id", "video_duration")
+
+
+def _pick_layout(
+    layouts: Mapping[str, Mapping[str, str]],
+    overrides: Mapping[str, str],
+    columns: Iterable[str],
+    roles: Sequence[str],
+    what: str,
+) -> dict[str, str]:
+    """Column names for ``roles``: the first layout (with overrides) whose columns exist."""
+    present = set(columns)
+    for defaults in layouts.values():
+        cols = {**defaults, **overrides}
+        if all(cols[r] in present for r in roles):
+            return cols
+    raise DataError(
+        f"{what}: columns {sorted(present)} match no known layout for {list(roles)}; "
+        "pass mapping=ColumnMapping(...)"
+    )
 
 
 # ---- precision over feedback rounds --------------------------------------------------------
