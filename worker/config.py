@@ -7,6 +7,7 @@ Topic names come from here, never from literals elsewhere.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,21 +118,27 @@ class WorkerSettings(BaseSettings):
         default=1, ge=1, description="Partitions for topics the worker creates when missing."
     )
 
-    # Scoring weights (see worker.core.scoring).
-    weight_view: float = Field(default=1.0, ge=0, description="Weight of a fully watched view.")
-    weight_like: float = Field(default=2.0, ge=0, description="Weight of a like.")
-    weight_neutral: float = Field(default=0.5, ge=0, description="Weight of a neutral reaction.")
-    weight_dislike: float = Field(default=2.0, ge=0, description="Weight of a dislike (negative).")
-    watch_cap: float = Field(default=1.0, gt=0, description="Cap of the watched fraction.")
+    # Scoring weights (see worker.core.scoring). Unset: the weights the model was trained with.
+    weight_view: float | None = Field(default=None, ge=0, description="Weight of a full view.")
+    weight_like: float | None = Field(default=None, ge=0, description="Weight of a like.")
+    weight_neutral: float | None = Field(default=None, ge=0, description="Weight of a neutral.")
+    weight_dislike: float | None = Field(
+        default=None, ge=0, description="Weight of a dislike (applied negatively)."
+    )
+    watch_cap: float | None = Field(default=None, gt=0, description="Cap of the watched fraction.")
 
-    def weights(self) -> Weights:
-        return Weights(
-            view=self.weight_view,
-            like=self.weight_like,
-            neutral=self.weight_neutral,
-            dislike=self.weight_dislike,
-            watch_cap=self.watch_cap,
-        )
+    def weights(self, manifest: dict[str, Any] | None = None) -> Weights:
+        """Training weights from the model manifest, overridden by any weight set here."""
+        trained = ((manifest or {}).get("data_summary") or {}).get("training", {}).get("weights")
+        base = Weights(**trained) if isinstance(trained, dict) else Weights()
+        over = {
+            "view": self.weight_view,
+            "like": self.weight_like,
+            "neutral": self.weight_neutral,
+            "dislike": self.weight_dislike,
+            "watch_cap": self.watch_cap,
+        }
+        return replace(base, **{k: v for k, v in over.items() if v is not None})
 
 
 ENV_PREFIXES = ("REFOLD_", "REFOLD_TOPIC_")

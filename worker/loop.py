@@ -92,7 +92,7 @@ class Worker:
         self.topics = topics
         self.clock = clock
         self.engine = Recommender(
-            model, weights=settings.weights(), dedup_window=settings.dedup_window
+            model, weights=settings.weights(model.manifest), dedup_window=settings.dedup_window
         )
         self.metrics = WorkerMetrics()
         self.metrics.model_info.labels(model.version).set(1)

@@ -1,0 +1,43 @@
+"""Settings: environment names, weights from the model, Kafka security pass-through."""
+
+from __future__ import annotations
+
+from worker.config import KafkaSettings, TopicSettings, WorkerSettings
+from worker.core.scoring import Weights
+
+
+def test_worker_uses_training_weights_unless_overridden():
+    manifest = {"data_summary": {"training": {"weights": {"view": 1.5, "like": 3.0, "neutral": 0.25,
+                                                          "dislike": 4.0, "watch_cap": 1.0, "default_duration_s": 600.0}}}}
+    assert WorkerSettings().weights(manifest).like == 3.0
+    assert WorkerSettings(weight_like=5.0).weights(manifest).like == 5.0
+    assert WorkerSettings(weight_like=5.0).weights(manifest).dislike == 4.0
+    assert WorkerSettings().weights({}) == Weights()
+
+
+def test_env_overrides(monkeypatch):
+    monkeypatch.setenv("REFOLD_BOOTSTRAP_SERVERS", "10.0.0.1:9093")
+    monkeypatch.setenv("REFOLD_TOPIC_RATINGS", "prod.ratings")
+    monkeypatch.setenv("REFOLD_METRICS_PORT", "9999")
+    assert KafkaSettings().bootstrap_servers == "10.0.0.1:9093"
+    assert TopicSettings().ratings == "prod.ratings"
+    assert WorkerSettings().metrics_port == 9999
+
+
+def test_security_settings_pass_through(tmp_path):
+    ca = tmp_path / "ca.pem"
+    k = KafkaSettings(
+        bootstrap_servers="b1:9093,b2:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="refold",
+        sasl_password="s3cret",
+        ssl_cafile=ca,
+    )
+    kw = k.client_kwargs()
+    assert kw["bootstrap_servers"] == ["b1:9093", "b2:9093"]
+    assert kw["security_protocol"] == "SASL_SSL" and kw["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert kw["sasl_plain_username"] == "refold" and kw["sasl_plain_password"] == "s3cret"
+    assert kw["ssl_cafile"] == str(ca)
+    assert "s3cret" not in repr(k)  # secrets never print
+    assert "sasl_mechanism" not in KafkaSettings().client_kwargs()
