@@ -12,41 +12,40 @@ offsets are not used because the embedded broker answers them wrongly.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from kafka import TopicPartition
 
 from worker.config import KafkaSettings
 from worker.core.engine import Recommender
+from worker.core.state import encode_record
 from worker.errors import StateError
 from worker.kafkaio import Publisher, make_consumer
 
 log = logging.getLogger(__name__)
 
 
-def encode_record(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, separators=(",", ":")).encode("utf-8")
-
-
 def write_changes(
     publisher: Publisher, topic: str, engine: Recommender, users: Iterable[str]
-) -> int:
-    """Queue the full state of each user on the changelog partition of its source partition."""
-    n = 0
+) -> dict[str, tuple[int, bytes]]:
+    """Queue each user's full state on the changelog partition of its source partition.
+
+    Returns ``{user_id: (partition, record bytes)}`` of what was queued.
+    """
+    out: dict[str, tuple[int, bytes]] = {}
     for user_id in users:
         st = engine.users[user_id]
+        value = encode_record(st.to_record(engine.catalog.items.id_of))
         publisher.send(
             topic,
             key=user_id.encode("utf-8"),
-            value=encode_record(st.to_record(engine.catalog.items.id_of)),
+            value=value,
             partition=st.partition if st.partition >= 0 else None,
         )
-        n += 1
-    return n
+        out[user_id] = (st.partition, value)
+    return out
 
 
 def read_partitions(
@@ -57,14 +56,14 @@ def read_partitions(
     start_offsets: dict[int, int] | None = None,
     deadline_s: float = 300.0,
     fetch_max_wait_ms: int = 10,
-) -> tuple[dict[str, dict[str, Any]], dict[int, int]]:
-    """Latest record per key of changelog partitions, and the next offset read per partition.
+) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
+    """Per partition, the latest raw record per key; and the next offset per partition.
 
     Reads each partition until its position reaches the high watermark reported
     by a fetch. Raises :class:`StateError` past the deadline.
     """
     tps = [TopicPartition(topic, p) for p in partitions]
-    latest: dict[str, dict[str, Any]] = {}
+    latest: dict[int, dict[str, bytes]] = {tp.partition: {} for tp in tps}
     if not tps:
         return latest, {}
     consumer = make_consumer(
@@ -90,13 +89,14 @@ def read_partitions(
                     f"changelog restore of {sorted(t.partition for t in todo)} timed out"
                 )
             batch = consumer.poll(timeout_ms=200, max_records=50_000)
-            for recs in batch.values():
+            for tp, recs in batch.items():
+                part = latest[tp.partition]
                 for r in recs:
                     key = r.key.decode("utf-8")
                     if r.value is None:
-                        latest.pop(key, None)
+                        part.pop(key, None)
                     else:
-                        latest[key] = json.loads(r.value)
+                        part[key] = r.value
             for tp in list(todo):
                 hw = consumer.highwater(tp)
                 if hw is not None and consumer.position(tp) >= hw:

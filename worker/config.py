@@ -89,6 +89,12 @@ class WorkerSettings(BaseSettings):
     model: Path = Field(default=Path("model"), description="Model directory to start from.")
     group: str = Field(default="refold-worker", description="Consumer group id.")
     client_id: str = Field(default="refold-worker", description="Kafka client id prefix.")
+    group_instance_id: str | None = Field(
+        default=None,
+        description="Static group membership id: a restarted worker with the same id takes its "
+        "partitions back without a rebalance. Unset on the embedded broker, which never "
+        "reassigns a departed static member's partitions.",
+    )
     metrics_host: str = Field(
         default="127.0.0.1", description="Bind address of /metrics and /healthz."
     )

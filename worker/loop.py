@@ -44,10 +44,14 @@ from worker.kafkaio import (
     topic_partitions,
 )
 from worker.metrics import WorkerMetrics
+from worker.snapshots import load_snapshot, save_snapshot
 from worker.storage import load_model
 
 log = logging.getLogger(__name__)
 
+# A restore that read more changelog records than this writes a snapshot at once, so that
+# the next restart does not read them again.
+_SNAPSHOT_AFTER_TAIL = 10_000
 # Poll timeout when idle: short enough to notice SIGTERM and broadcasts promptly.
 _POLL_TIMEOUT_MS = 100
 
@@ -98,6 +102,12 @@ class Worker:
         self.metrics.model_info.labels(model.version).set(1)
         self.stopping = stopping or threading.Event()
         self.owned: set[int] = set()
+        # Per owned partition: the latest changelog record of each user (what the compacted
+        # changelog holds) and the next changelog offset; snapshots are written from these.
+        self.records: dict[int, dict[str, bytes]] = {}
+        self.changelog_next: dict[int, int] = {}
+        self._last_snapshot = time.monotonic()
+        self._dirty: set[int] = set()  # partitions changed since their last snapshot
         self._pending_model: Model | None = None
         self._loading: threading.Thread | None = None
         self._model_source: str | None = None
@@ -145,6 +155,7 @@ class Worker:
             session_timeout_ms=self.settings.session_timeout_ms,
             heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
             max_poll_interval_ms=300_000,
+            group_instance_id=self.settings.group_instance_id,
         )
         # Every worker needs every video and every model announcement: a group-less
         # consumer reads both topics in full.
@@ -181,6 +192,9 @@ class Worker:
                 )
                 if batch:
                     self.process(batch)
+                if time.monotonic() - self._last_snapshot > self.settings.snapshot_interval_s:
+                    self._snapshot(set(self.owned))
+            self._snapshot(set(self.owned))
         finally:
             self._close()
         return 0
@@ -272,10 +286,14 @@ class Worker:
     # ---- rebalance -----------------------------------------------------------------------
 
     def on_revoked(self, partitions: set[int]) -> None:
+        self._snapshot(partitions & self.owned)
         gone = [u for u, st in self.engine.users.items() if st.partition in partitions]
+        for p in partitions:
+            gone += list(self.records.pop(p, {}))
+            self.changelog_next.pop(p, None)
         self.engine.forget(gone)
         self.owned -= partitions
-        log.info("partitions %s revoked; %d users dropped", sorted(partitions), len(gone))
+        log.info("partitions %s revoked; %d users dropped", sorted(partitions), len(set(gone)))
 
     def on_assigned(self, partitions: set[int]) -> None:
         new = partitions - self.owned
@@ -283,21 +301,64 @@ class Worker:
         if not self.settings.durable or not new:
             return
         started = time.monotonic()
-        records, _ = read_partitions(
+        snaps = {}
+        if self.settings.state_dir is not None:
+            for p in new:
+                snap = load_snapshot(self.settings.state_dir, self.topics.changelog, p)
+                if snap is not None:
+                    snaps[p] = snap
+        tail, positions = read_partitions(
             self.kafka,
             self.topics.changelog,
             sorted(new),
+            start_offsets={p: snap.next_offset for p, snap in snaps.items()},
             fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
         )
-        for user_id, record in records.items():
-            self.engine.restore(user_id, record)
-        self.metrics.restored.inc(len(records))
+        # Changelog partition p holds the users of ratings partition p; the tail wins.
+        by_partition = {p: {**snaps[p].records, **tail[p]} if p in snaps else tail[p] for p in new}
+        for p in new:
+            self.records[p] = by_partition[p]
+            self.changelog_next[p] = positions[p]
+            if p not in snaps or tail[p]:
+                self._dirty.add(p)
+            self.engine.restore_lazy(by_partition[p])
+        restored = sum(len(r) for r in by_partition.values())
+        self.metrics.restored.inc(restored)
         log.info(
-            "partitions %s assigned; %d users restored in %.2fs",
+            "partitions %s assigned; %d users restored (%d from local snapshots, %d changelog "
+            "records) in %.2fs",
             sorted(new),
-            len(records),
+            restored,
+            sum(len(s.records) for s in snaps.values()),
+            sum(len(t) for t in tail.values()),
             time.monotonic() - started,
         )
+        if sum(len(t) for t in tail.values()) > _SNAPSHOT_AFTER_TAIL:
+            self._snapshot(new)
+
+    def _snapshot(self, partitions: set[int]) -> None:
+        """Write local snapshots of ``partitions`` (no-op without a state dir)."""
+        if self.settings.state_dir is None or not self.settings.durable:
+            return
+        started = time.monotonic()
+        partitions = partitions & self._dirty
+        for p in sorted(partitions):
+            if p in self.records:
+                save_snapshot(
+                    self.settings.state_dir,
+                    self.topics.changelog,
+                    p,
+                    self.records[p],
+                    self.changelog_next.get(p, 0),
+                )
+        self._dirty -= partitions
+        self._last_snapshot = time.monotonic()
+        if partitions:
+            log.info(
+                "snapshot of partitions %s in %.2fs",
+                sorted(partitions),
+                self._last_snapshot - started,
+            )
 
     # ---- one batch -----------------------------------------------------------------------
 
@@ -350,8 +411,15 @@ class Worker:
             if ts is not None and ts > 0:
                 self.metrics.e2e_latency.observe(max(0.0, (acked_ms - ts) / 1000.0))
         if self.settings.durable and outcome.changed_users:
-            write_changes(self.publisher, self.topics.changelog, self.engine, outcome.changed_users)
-            self.publisher.confirm()
+            written = write_changes(
+                self.publisher, self.topics.changelog, self.engine, outcome.changed_users
+            )
+            for meta in self.publisher.confirm():
+                nxt = self.changelog_next.get(meta.partition, 0)
+                self.changelog_next[meta.partition] = max(nxt, meta.offset + 1)
+            for user_id, (p, raw) in written.items():
+                self.records.setdefault(p, {})[user_id] = raw
+                self._dirty.add(p)
         self.consumer.commit(offsets)
         self.metrics.events_applied.inc(outcome.applied)
         self.metrics.duplicates.inc(outcome.duplicates)

@@ -97,7 +97,7 @@ class RatingProducer:
 
     def flush(self, timeout_s: float = 30.0) -> int:
         """Wait until every sent event is acknowledged; returns how many were."""
-        return self.publisher.confirm(timeout_s)
+        return len(self.publisher.confirm(timeout_s))
 
     def close(self) -> None:
         self.flush()

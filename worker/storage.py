@@ -64,7 +64,7 @@ def _npy_bytes(array: np.ndarray[Any, Any]) -> bytes:
 
 def _npz_bytes(**arrays: np.ndarray[Any, Any]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 

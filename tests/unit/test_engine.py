@@ -189,9 +189,9 @@ class FakePublisher:
         self.sent.append((topic, key, value, headers))
         self.log.append(f"send:{topic}")
 
-    def confirm(self, timeout_s: float = 30.0) -> int:
+    def confirm(self, timeout_s: float = 30.0) -> list:
         self.log.append("confirm")
-        return 0
+        return []
 
 
 class FakeConsumer:

@@ -75,8 +75,9 @@ def fold_in(
         y = factors[idx].astype(np.float64)  # (g, width, f); padding has conf 0 -> weight 0
         pad = np.arange(idx.shape[1])[None, :] >= lengths[group][:, None]
         weight = np.where(pad, 0.0, np.abs(conf) - 1.0)
-        a = base[None, :, :] + np.einsum("gl,glf,glk->gfk", weight, y, y, optimize=True)
-        b = np.einsum("gl,glf->gf", np.where(conf > 0, conf, 0.0), y)
+        # Σ w_i y_i y_iᵀ and Σ c_i y_i as batched matrix products (BLAS), float64 throughout.
+        a = base[None, :, :] + np.matmul((y * weight[:, :, None]).transpose(0, 2, 1), y)
+        b = np.matmul(np.where(conf > 0, conf, 0.0)[:, None, :], y)[:, 0, :]
         out[group] = np.linalg.solve(a, b[:, :, None])[:, :, 0].astype(np.float32)
     return out
 

@@ -6,7 +6,7 @@ replay baselines use in-process. It knows nothing of Kafka or files.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +17,7 @@ from worker.core.catalog import Catalog
 from worker.core.ids import IdMap
 from worker.core.model import Model
 from worker.core.scoring import Weights
-from worker.core.state import DEFAULT_DEDUP_WINDOW, UserState
+from worker.core.state import DEFAULT_DEDUP_WINDOW, UserState, decode_record
 from worker.core.wire import TOP_K, RatingEvent, VideoEvent
 
 #: Score multiplier for a popular video in a category the user has disliked.
@@ -49,6 +49,9 @@ class Recommender:
         self.k = k
         self.dedup_window = dedup_window
         self.users: dict[str, UserState] = {}
+        # Restored but untouched users: their changelog record, decoded on first use.
+        # A restart with a million users then costs a dict load, not a million objects.
+        self.dormant: dict[str, bytes] = {}
         self._install(model)
 
     def _install(self, model: Model) -> None:
@@ -66,6 +69,9 @@ class Recommender:
     def state_of(self, user_id: str) -> UserState:
         """The live state of a user; a known user starts from their bootstrap row."""
         st = self.users.get(user_id)
+        if st is None and user_id in self.dormant:
+            self.restore(user_id, decode_record(self.dormant.pop(user_id)))
+            return self.users[user_id]
         if st is None:
             st = UserState()
             base = self.model.users.get(user_id)
@@ -214,10 +220,17 @@ class Recommender:
             if i in self.catalog.new:
                 self.catalog.note_interaction(i, self.user_idx.add(user_id), v)
 
+    def restore_lazy(self, records: Mapping[str, bytes]) -> None:
+        """Replace users' states with encoded changelog records, decoded on first use."""
+        for u in records:
+            self.users.pop(u, None)
+        self.dormant.update(records)
+
     def forget(self, user_ids: Iterable[str]) -> None:
         """Drop users (their partition moved to another worker)."""
         for u in user_ids:
             self.users.pop(u, None)
+            self.dormant.pop(u, None)
 
 
 def row_arrays(row: dict[int, float]) -> tuple[npt.NDArray[np.int64], F32]:

@@ -73,8 +73,10 @@ def handle_batch(
         out.recommendations.append(
             Recommendations(
                 user_id=lst.user_id,
+                # Items are built without re-validation: ids come from the catalog, which
+                # holds only validated event ids or bootstrap ids, and scores are made finite.
                 items=[
-                    RecommendedItem(video_id=v, score=finite(s))
+                    RecommendedItem.model_construct(video_id=v, score=finite(s))
                     for v, s in zip(lst.video_ids, lst.scores, strict=True)
                 ],
                 model_version=engine.model_version,

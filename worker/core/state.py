@@ -8,6 +8,7 @@ that a restore from the changelog can skip events that were already applied.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,3 +72,14 @@ class UserState:
             partition=int(record["partition"]),
             offset=int(record["offset"]),
         )
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """A state record as compact JSON bytes (the changelog value)."""
+    return json.dumps(record, separators=(",", ":")).encode("utf-8")
+
+
+def decode_record(raw: bytes) -> dict[str, Any]:
+    """Inverse of :func:`encode_record`."""
+    record: dict[str, Any] = json.loads(raw)
+    return record
