@@ -185,13 +185,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 for r in recs:
                     if want is not None and r.key != want:
                         continue
-                    try:
-                        doc = json.loads(r.value)
-                    except (TypeError, ValueError):
-                        doc = {
-                            "raw": repr(r.value),
-                            "headers": {k: v.decode("utf-8", "replace") for k, v in r.headers},
-                        }
+                    doc = _tail_doc(r)
                     print(json.dumps(doc), flush=True)
                     printed += 1
                     if args.max_messages and printed >= args.max_messages:
@@ -199,6 +193,24 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return 0 if printed and not args.max_messages else 1
     finally:
         consumer.close()
+
+
+def _tail_doc(r: Any) -> Any:
+    """A list prints as itself; a record with headers (a dead letter) prints in an envelope."""
+    try:
+        value: Any = json.loads(r.value)
+    except (TypeError, ValueError):
+        value = r.value.decode("utf-8", "backslashreplace") if r.value is not None else None
+    if not r.headers:
+        return value
+    return {
+        "topic": r.topic,
+        "partition": r.partition,
+        "offset": r.offset,
+        "key": r.key.decode("utf-8", "backslashreplace") if r.key is not None else None,
+        "headers": {k: v.decode("utf-8", "backslashreplace") for k, v in r.headers},
+        "value": value,
+    }
 
 
 def cmd_swap(args: argparse.Namespace) -> int:

@@ -79,15 +79,19 @@ def test_kill9_at_20_random_points(broker, tiny_model_dir, topics, producer, tmp
     # and each user's events in stream order (float sums are order-sensitive).
     step = len(events) // 20
     chunks = [events[i * step : (i + 1) * step if i < 19 else None] for i in range(20)]
+    # Frequent local snapshots, so restarts exercise snapshot + changelog tail as well.
+    env = {"REFOLD_STATE_DIR": str(tmp_path / "state"), "REFOLD_SNAPSHOT_INTERVAL_S": "0.3"}
     for kill in range(20):
         produce(producer, chunks[kill])
         w = WorkerProcess(
-            bootstrap=broker, model=tiny_model_dir, topics=topics, log_path=log
+            bootstrap=broker, model=tiny_model_dir, topics=topics, log_path=log, extra_env=env
         ).start()
         _wait_processing(recs, len(recs.records), w)
         time.sleep(rng.uniform(0.0, 0.4))  # the random kill point, within the load
         w.kill9()
-    w = WorkerProcess(bootstrap=broker, model=tiny_model_dir, topics=topics, log_path=log).start()
+    w = WorkerProcess(
+        bootstrap=broker, model=tiny_model_dir, topics=topics, log_path=log, extra_env=env
+    ).start()
     try:
         final = wait_all_applied(recs, expected, timeout_s=180)
         assert w.terminate() == 0, w.log_tail()
@@ -95,6 +99,7 @@ def test_kill9_at_20_random_points(broker, tiny_model_dir, topics, producer, tmp
         w.stop()
         recs.close()
     assert_final_state_matches(expected, final, _changelog(broker, topics))
+    assert "from local snapshots" in log.read_text()
 
 
 def test_rebalance_three_workers_one_killed(broker, tiny_model_dir, topics, producer, tmp_path):
