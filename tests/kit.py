@@ -156,6 +156,12 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
+        text = (
+            self.log_path.read_text(errors="replace")
+            if self.log_path and self.log_path.exists()
+            else ""
+        )
+        self._assigned_before = text.count("assigned;")
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "worker"],
@@ -189,6 +195,18 @@ class WorkerProcess:
             assert self.proc is not None
             self.proc.kill()
             self.proc.wait(timeout=30)
+
+    def wait_joined(self, timeout_s: float = 90.0) -> None:
+        """Until this process logged a partition assignment (it is in the group)."""
+        assert self.log_path is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+            if text.count("assigned;") > self._assigned_before:
+                return
+            assert self.alive(), self.log_tail()
+            assert time.monotonic() < deadline, "worker never joined:\n" + self.log_tail()
+            time.sleep(0.05)  # polling a log file; bounded by the deadline
 
     def log_tail(self, n: int = 60) -> str:
         if self.log_path and self.log_path.exists():

@@ -70,6 +70,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    # Before the heavy imports: a stop signal during start-up is honoured, not fatal.
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: stopping.set())
     from worker.config import WorkerSettings
 
     over: dict[str, Any] = {}
@@ -82,12 +86,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = WorkerSettings(**over)
     if args.check:
         return _health_check(settings.metrics_host, settings.metrics_port)
-    from worker.loop import Worker, install_stop_handlers
+    from worker.loop import Worker
     from worker.storage import load_model
 
-    # A stop signal during start-up (model load, group join) is honoured too.
-    stopping = threading.Event()
-    install_stop_handlers(stopping)
     model = load_model(settings.model)
     worker = Worker(
         settings=settings, kafka=_kafka(args), topics=_topics(args), model=model, stopping=stopping

@@ -30,8 +30,9 @@ class Snapshot:
 
 
 def _paths(state_dir: Path, topic: str, partition: int) -> tuple[Path, Path]:
-    base = Path(state_dir) / f"{topic}-{partition}"
-    return base.with_suffix(".arrow"), base.with_suffix(".json")
+    # Topic names contain dots: build the names whole, never with Path.with_suffix.
+    base = f"{topic}-{partition}"
+    return Path(state_dir) / f"{base}.arrow", Path(state_dir) / f"{base}.json"
 
 
 def save_snapshot(
@@ -59,7 +60,7 @@ def save_snapshot(
         "sha256": hashlib.sha256(body).hexdigest(),
     }
     for path, data in ((data_path, body), (meta_path, json.dumps(meta).encode())):
-        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -76,8 +77,12 @@ def load_snapshot(state_dir: Path, topic: str, partition: int) -> Snapshot | Non
     try:
         meta = json.loads(meta_path.read_bytes())
         body = data_path.read_bytes()
-        if meta.get("format") != FORMAT or meta.get("topic") != topic:
-            raise ValueError("format or topic mismatch")
+        if (meta.get("format"), meta.get("topic"), meta.get("partition")) != (
+            FORMAT,
+            topic,
+            partition,
+        ):
+            raise ValueError("format, topic or partition mismatch")
         if hashlib.sha256(body).hexdigest() != meta["sha256"]:
             raise ValueError("checksum mismatch")
         table = pa.ipc.open_file(pa.BufferReader(body)).read_all()

@@ -94,6 +94,7 @@ def test_kill9_at_20_random_points(broker, tiny_model_dir, topics, producer, tmp
     ).start()
     try:
         final = wait_all_applied(recs, expected, timeout_s=180)
+        w.wait_joined()
         assert w.terminate() == 0, w.log_tail()
     finally:
         w.stop()

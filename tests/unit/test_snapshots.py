@@ -5,12 +5,15 @@ from __future__ import annotations
 from worker.snapshots import load_snapshot, save_snapshot
 
 
-def test_round_trip(tmp_path):
+def test_round_trip_per_partition_of_a_dotted_topic(tmp_path):
+    topic = "refold.state-changelog"
     records = {f"u{i}": f'{{"i":{i}}}'.encode() for i in range(1000)}
-    save_snapshot(tmp_path, "cl", 3, records, 4567)
-    snap = load_snapshot(tmp_path, "cl", 3)
+    save_snapshot(tmp_path, topic, 3, records, 4567)
+    save_snapshot(tmp_path, topic, 4, {"other": b"{}"}, 9)
+    snap = load_snapshot(tmp_path, topic, 3)
     assert snap is not None and snap.records == records and snap.next_offset == 4567
-    assert load_snapshot(tmp_path, "cl", 2) is None
+    assert load_snapshot(tmp_path, topic, 4).records == {"other": b"{}"}
+    assert load_snapshot(tmp_path, topic, 2) is None
     assert load_snapshot(tmp_path, "other-topic", 3) is None
 
 
