@@ -33,7 +33,7 @@ from worker.config import KafkaSettings, TopicSettings, WorkerSettings
 from worker.core.engine import Recommender
 from worker.core.handler import Source, handle_batch
 from worker.core.model import Model
-from worker.core.wire import RatingEvent, decode_rating, decode_video, encode
+from worker.core.wire import RatingEvent, decode_rating, decode_video
 from worker.errors import DecodeError
 from worker.kafkaio import (
     Publisher,
@@ -401,7 +401,7 @@ class Worker:
         self.metrics.fold_in_seconds.observe(time.monotonic() - t0)
         for rec in outcome.recommendations:
             self.publisher.send(
-                self.topics.recommendations, key=rec.user_id.encode("utf-8"), value=encode(rec)
+                self.topics.recommendations, key=rec.user_id.encode("utf-8"), value=rec.payload
             )
         self.publisher.confirm()
         acked_ms = time.time() * 1000.0

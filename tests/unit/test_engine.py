@@ -152,8 +152,22 @@ def test_handler_coalesces_users_and_reports():
     out = handle_batch(eng, batch, [], now=NOW)
     assert out.applied == 3 and out.duplicates == 1
     assert sorted(r.user_id for r in out.recommendations) == ["u1", "u2"]
-    u1 = next(r for r in out.recommendations if r.user_id == "u1")
+    u1 = decode_recommendations(next(r for r in out.recommendations if r.user_id == "u1").payload)
     assert u1.event_ids == ["1", "3"] and u1.source.offset == 2 and u1.model_version == "test-v1"
+    assert u1.events_applied == 2 and len(u1.items) == 10 and u1.last_event_ts == NOW
+
+
+def test_fast_list_encoding_equals_the_pydantic_model():
+    """The hot path's JSON is exactly what the wire model would serialise."""
+    from worker.core.wire import Recommendations, encode, encode_recommendations
+
+    kw = dict(user_id="u1", video_ids=["a", "b"], scores=[0.5, float("-inf")], model_version="m",
+              strategy="als", generated_at=NOW, event_ids=["e1"], last_event_ts=NOW,
+              source=("ratings", 1, 7), events_applied=3)
+    fast = encode_recommendations(**kw)
+    model = decode_recommendations(fast)  # validates against the schema
+    assert isinstance(model, Recommendations)
+    assert fast == encode(model)
 
 
 def test_snapshot_restore_roundtrip():

@@ -11,14 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from worker.core.engine import Recommender
-from worker.core.wire import (
-    RatingEvent,
-    Recommendations,
-    RecommendedItem,
-    SourceOffset,
-    VideoEvent,
-    finite,
-)
+from worker.core.wire import RatingEvent, VideoEvent, encode_recommendations
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +23,21 @@ class Source:
     offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class OutgoingList:
+    """A list ready to publish: its key facts and its ``Recommendations`` JSON."""
+
+    user_id: str
+    strategy: str
+    event_ids: list[str]
+    payload: bytes
+
+
 @dataclass
 class BatchOutcome:
     """What a batch produced."""
 
-    recommendations: list[Recommendations] = field(default_factory=list)
+    recommendations: list[OutgoingList] = field(default_factory=list)
     changed_users: list[str] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
@@ -69,29 +72,22 @@ def handle_batch(
     for lst in engine.recommend(users):
         events = reflected[lst.user_id]
         _, last_src = events[-1]
-        state = engine.users[lst.user_id]
-        out.recommendations.append(
-            Recommendations(
-                user_id=lst.user_id,
-                # Items are built without re-validation: ids come from the catalog, which
-                # holds only validated event ids or bootstrap ids, and scores are made finite.
-                items=[
-                    RecommendedItem.model_construct(video_id=v, score=finite(s))
-                    for v, s in zip(lst.video_ids, lst.scores, strict=True)
-                ],
-                model_version=engine.model_version,
-                strategy=lst.strategy,  # type: ignore[arg-type]
-                generated_at=now,
-                event_ids=[e.event_id for e, _ in events],
-                last_event_ts=max(e.ts for e, _ in events),
-                source=(
-                    SourceOffset(
-                        topic=last_src.topic, partition=last_src.partition, offset=last_src.offset
-                    )
-                    if last_src.partition >= 0
-                    else None
-                ),
-                events_applied=state.events_applied,
-            )
+        event_ids = [e.event_id for e, _ in events]
+        payload = encode_recommendations(
+            user_id=lst.user_id,
+            video_ids=lst.video_ids,
+            scores=lst.scores,
+            model_version=engine.model_version,
+            strategy=lst.strategy,
+            generated_at=now,
+            event_ids=event_ids,
+            last_event_ts=max(e.ts for e, _ in events),
+            source=(
+                (last_src.topic, last_src.partition, last_src.offset)
+                if last_src.partition >= 0
+                else None
+            ),
+            events_applied=engine.users[lst.user_id].events_applied,
         )
+        out.recommendations.append(OutgoingList(lst.user_id, lst.strategy, event_ids, payload))
     return out
