@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from tests.kit import broker_choice, save_tiny_model  # noqa: E402
+from tests.kit import broker_choice, save_tiny_model
 
 
 @pytest.fixture(scope="session")
