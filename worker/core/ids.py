@@ -11,10 +11,12 @@ class IdMap:
     __slots__ = ("_ids", "_index")
 
     def __init__(self, ids: Iterable[str] = ()) -> None:
-        self._ids: list[str] = []
-        self._index: dict[str, int] = {}
-        for i in ids:
-            self.add(i)
+        self._ids: list[str] = list(ids)
+        self._index: dict[str, int] = dict(zip(self._ids, range(len(self._ids)), strict=True))
+        if len(self._index) != len(self._ids):  # duplicates: keep the first occurrence
+            unique = list(dict.fromkeys(self._ids))
+            self._ids = unique
+            self._index = dict(zip(unique, range(len(unique)), strict=True))
 
     def __len__(self) -> int:
         return len(self._ids)
