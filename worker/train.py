@@ -34,9 +34,17 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from worker.core.model import AlsParams, Model
+from worker.core.ids import IdMap
+from worker.core.model import AlsParams, Model, VideoMeta
 from worker.core.scoring import Weights
-from worker.data.ingest import ColumnMapping, DurationUnit, PathSpec, build_interactions
+from worker.core.wire import is_valid_id
+from worker.data.ingest import (
+    ColumnMapping,
+    DurationUnit,
+    Interactions,
+    PathSpec,
+    build_interactions,
+)
 from worker.errors import ConfigError
 from worker.storage import read_manifest, save_model
 
@@ -147,6 +155,48 @@ def make_version(matrix: sp.csr_matrix, params: AlsParams, now: datetime | None 
     return f"{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{h.hexdigest()}"
 
 
+def drop_invalid_ids(data: Interactions) -> Interactions:
+    """Drop users and videos whose ids could not travel on the wire, and count them.
+
+    Ids end up in Kafka keys, headers and logs; the wire accepts 1-128 printable
+    characters. Their rows are counted under ``skipped`` in the data summary.
+    """
+    bad_users = [i for i, u in enumerate(data.users.ids) if not is_valid_id(u)]
+    bad_items = [i for i, v in enumerate(data.items.ids) if not is_valid_id(v)]
+    if not bad_users and not bad_items:
+        return data
+    keep_u = np.setdiff1d(np.arange(len(data.users)), bad_users)
+    keep_i = np.setdiff1d(np.arange(len(data.items)), bad_items)
+    matrix = data.matrix.tocsr()
+    dropped = int(matrix[bad_users].nnz) if bad_users else 0
+    matrix = matrix[keep_u]
+    dropped += int(matrix[:, bad_items].nnz) if bad_items else 0
+    matrix = matrix[:, keep_i].tocsr()
+    v = data.videos
+    videos = VideoMeta(
+        duration_s=v.duration_s[keep_i],
+        category=v.category[keep_i],
+        author=v.author[keep_i],
+        popularity=v.popularity[keep_i],
+        categories=v.categories,
+        authors=v.authors,
+    )
+    summary = dict(data.summary)
+    skipped = dict(summary.get("skipped", {}))
+    skipped["invalid_id_values"] = dropped
+    summary["skipped"] = skipped
+    summary["invalid_ids"] = {"users": len(bad_users), "videos": len(bad_items)}
+    log.warning("dropped %d users and %d videos with invalid ids", len(bad_users), len(bad_items))
+    return replace(
+        data,
+        matrix=matrix,
+        users=IdMap(data.users.id_of(int(i)) for i in keep_u),
+        items=IdMap(data.items.id_of(int(i)) for i in keep_i),
+        videos=videos,
+        summary=summary,
+    )
+
+
 def bootstrap(
     logs: PathSpec,
     videos: PathSpec,
@@ -191,6 +241,7 @@ def bootstrap(
         until=until,
         progress=progress,
     )
+    data = drop_invalid_ids(data)
     params = AlsParams(
         factors=factors, regularization=regularization, alpha=alpha, iterations=iterations
     )

@@ -213,3 +213,25 @@ def test_als_beats_popularity_on_held_out_events(tmp_path: Path) -> None:
     pop = precision_at_10(np.tile(model.videos.popularity, (len(users), 1)), seen, new)
     print(f"precision@10: als={als:.4f} popularity={pop:.4f}")
     assert als > 1.5 * pop, (als, pop)
+
+
+def test_ids_that_cannot_travel_on_the_wire_are_dropped_and_counted():
+    import scipy.sparse as sp
+
+    from worker.core.ids import IdMap
+    from worker.core.model import VideoMeta
+    from worker.data.ingest import Interactions
+    from worker.train import drop_invalid_ids
+
+    m = sp.csr_matrix(np.array([[1.0, 0, 2.0], [0, 1.0, 1.0], [1.0, 1.0, 0]], dtype=np.float32))
+    data = Interactions(
+        matrix=m,
+        users=IdMap(["ok", "bad\nuser", "fine"]),
+        items=IdMap(["v1", "v" * 200, "v3"]),
+        videos=VideoMeta.empty(3),
+        summary={"skipped": {}},
+    )
+    out = drop_invalid_ids(data)
+    assert list(out.users.ids) == ["ok", "fine"] and list(out.items.ids) == ["v1", "v3"]
+    assert out.matrix.toarray().tolist() == [[1.0, 2.0], [1.0, 0.0]]
+    assert out.summary["skipped"]["invalid_id_values"] == 3

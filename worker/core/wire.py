@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -38,6 +39,14 @@ MAX_MESSAGE_BYTES = 64 * 1024
 # Printable ids only: no control characters (newlines, ANSI escapes, NUL), so an
 # id can never forge a log line or a Kafka header.
 _ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
+
+_ID_RE = re.compile(_ID_PATTERN)
+
+
+def is_valid_id(value: str) -> bool:
+    """True when ``value`` is a valid wire id (1-128 printable characters)."""
+    return 0 < len(value) <= MAX_ID_CHARS and _ID_RE.match(value) is not None
+
 
 Identifier = Annotated[
     str,
