@@ -10,7 +10,8 @@ import pytest
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from tests.kit import broker_choice, save_tiny_model
+from tests.kit import Topics, broker_choice, kafka_settings, save_tiny_model
+from worker.producer import RatingProducer
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,16 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def topics() -> Topics:
+    """Fresh topic names (and group) for one test, so tests can share the broker."""
+    return Topics()
+
+
+@pytest.fixture
+def producer(broker: str, topics: Topics) -> Iterator[RatingProducer]:
+    p = RatingProducer(kafka=kafka_settings(broker), topics=topics.settings)
+    yield p
+    p.close()

@@ -30,18 +30,6 @@ from worker.storage import save_model
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
 
-@pytest.fixture
-def topics() -> Topics:
-    return Topics()
-
-
-@pytest.fixture
-def producer(broker: str, topics: Topics):
-    p = RatingProducer(kafka=kafka_settings(broker), topics=topics.settings)
-    yield p
-    p.close()
-
-
 def _changelog(broker: str, topics: Topics) -> dict:
     reader = TopicReader(broker, topics.settings.changelog)
     try:

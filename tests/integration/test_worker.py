@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kit import TopicReader, Topics, WorkerProcess, kafka_settings, make_model
+from tests.kit import TopicReader, Topics, WorkerProcess, make_model
 from worker.core.wire import VideoEvent
-from worker.producer import RatingProducer
 
 pytestmark = pytest.mark.integration
 
@@ -22,22 +21,6 @@ def _event(eid: str, user: str, video: str, action: str, watch: float | None = N
     if watch is not None:
         doc["watch_seconds"] = watch
     return json.dumps(doc).encode()
-
-
-@pytest.fixture
-def topics() -> Topics:
-    return Topics()
-
-
-@pytest.fixture
-def producer(broker: str, topics: Topics):
-    p = RatingProducer(kafka=kafka_settings(broker), topics=topics.settings)
-    yield p
-    p.close()
-
-
-def _lists(reader: TopicReader) -> list[dict]:
-    return reader.json_values()
 
 
 def test_valid_and_malformed_events(
