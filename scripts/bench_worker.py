@@ -48,9 +48,8 @@ def build_model(cache: Path, users: int, videos: int, events: int, factors: int)
     model_dir = cache / f"model-{users}-{videos}-{events}-{factors}"
     if (model_dir / "manifest.json").exists():
         return model_dir
-    from worker.train import bootstrap
-
     from worker.data.synth import synthesize
+    from worker.train import bootstrap
 
     data = cache / f"data-{users}-{videos}-{events}"
     if not (data / "logs.parquet").exists():
