@@ -10,7 +10,13 @@ import pytest
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from tests.kit import Topics, broker_choice, kafka_settings, save_tiny_model
+from tests.kit import (
+    TEST_BROKER_CONFIG,
+    Topics,
+    broker_choice,
+    kafka_settings,
+    save_tiny_model,
+)
 from worker.producer import RatingProducer
 
 
@@ -26,7 +32,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     elif choice == "apache":
         from worker.brokers.apache import ApacheKafkaBroker
 
-        with ApacheKafkaBroker(data_dir=tmp_path_factory.mktemp("kafka")) as b:
+        with ApacheKafkaBroker(
+            data_dir=tmp_path_factory.mktemp("kafka"), extra_config=TEST_BROKER_CONFIG
+        ) as b:
             yield b.bootstrap_servers
     else:
         yield choice

@@ -33,6 +33,10 @@ from worker.storage import save_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Workers in tests use a 2 s session timeout; Apache Kafka's default minimum is 6 s.
+TEST_BROKER_CONFIG = {"group.min.session.timeout.ms": "1000"}
+
+
 def broker_choice() -> str:
     return os.environ.get("REFOLD_TEST_BROKER", "tansu")
 
@@ -149,6 +153,10 @@ class WorkerProcess:
             "REFOLD_GROUP": topics.group,
             "PYTHONUNBUFFERED": "1",
             "OPENBLAS_NUM_THREADS": "1",
+            # Quick group joins and failure detection (Tansu joins in ~session/2);
+            # the Apache test broker allows it (group.min.session.timeout.ms=1000).
+            "REFOLD_SESSION_TIMEOUT_MS": "2000",
+            "REFOLD_HEARTBEAT_INTERVAL_MS": "500",
             **topics.env(),
             **(extra_env or {}),
         }

@@ -298,7 +298,11 @@ def test_broker_restart_mid_stream(tmp_path_factory, tiny_model_dir, tmp_path):
     events = make_stream(2000, 80, seed=15)
     expected = reference(make_model(), events)
     topics = Topics()
-    with ApacheKafkaBroker(data_dir=tmp_path_factory.mktemp("kafka-restart")) as kafka:
+    from tests.kit import TEST_BROKER_CONFIG
+
+    with ApacheKafkaBroker(
+        data_dir=tmp_path_factory.mktemp("kafka-restart"), extra_config=TEST_BROKER_CONFIG
+    ) as kafka:
         bs = kafka.bootstrap_servers
         create_topics(bs, topics, partitions=2)
         producer = RatingProducer(kafka=kafka_settings(bs), topics=topics.settings)
