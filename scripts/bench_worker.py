@@ -243,7 +243,11 @@ def naive(bootstrap: str, model_dir: Path, events) -> float:
     )
     als.user_factors = m.user_factors
     als.item_factors = m.item_factors
-    rows = m.user_rows.tolil()  # a mutable per-user history, as the seed keeps it
+    # Per-user histories as dicts, filled from the bootstrap rows on first touch; each
+    # event builds its one-row CSR straight from arrays (no lil/COO conversions).
+    csr = m.user_rows
+    history: dict[int, dict[int, float]] = {}
+    n_items = m.n_items
     prefix = f"nv{uuid.uuid4().hex[:6]}"
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks=1)
     for eid, user, video, watch in events:
@@ -272,8 +276,18 @@ def naive(bootstrap: str, model_dir: Path, events) -> float:
                     e = json.loads(r.value)
                     uid = m.users.get(e["user_id"])
                     iid = m.items.get(e["video_id"])
-                    rows[uid, iid] += min(e["watch_seconds"] / durations[e["video_id"]], 1.0)
-                    user_items = sp.csr_matrix(rows[uid])
+                    row = history.get(uid)
+                    if row is None:
+                        lo, hi = csr.indptr[uid], csr.indptr[uid + 1]
+                        row = history[uid] = dict(
+                            zip(csr.indices[lo:hi].tolist(), csr.data[lo:hi].tolist(), strict=True)
+                        )
+                    row[iid] = row.get(iid, 0.0) + min(
+                        e["watch_seconds"] / durations[e["video_id"]], 1.0
+                    )
+                    cols = np.fromiter(row.keys(), dtype=np.int32, count=len(row))
+                    vals = np.fromiter(row.values(), dtype=np.float32, count=len(row))
+                    user_items = sp.csr_matrix((vals, cols, [0, len(row)]), shape=(1, n_items))
                     ids, scores = als.recommend(
                         uid,
                         user_items,
