@@ -108,6 +108,7 @@ class Worker:
         self.changelog_next: dict[int, int] = {}
         self._last_snapshot = time.monotonic()
         self._dirty: set[int] = set()  # partitions changed since their last snapshot
+        self._uncommitted: dict[TopicPartition, OffsetAndMetadata] = {}
         self._pending_model: Model | None = None
         self._loading: threading.Thread | None = None
         self._model_source: str | None = None
@@ -200,7 +201,9 @@ class Worker:
         return 0
 
     def _close(self) -> None:
+        owned = {tp: om for tp, om in self._uncommitted.items() if tp.partition in self.owned}
         for closer in (
+            lambda: self.consumer.commit(owned) if owned else None,
             lambda: self.consumer.close(autocommit=False),
             lambda: self.broadcast.close(),
             lambda: self.producer.close(timeout=10),
@@ -420,7 +423,11 @@ class Worker:
             for user_id, (p, raw) in written.items():
                 self.records.setdefault(p, {})[user_id] = raw
                 self._dirty.add(p)
-        self.consumer.commit(offsets)
+        # Asynchronous: the changelog already records each user's source offset, so a
+        # commit that is lost only makes a restart skip events it re-reads. The last
+        # offsets are committed synchronously on shutdown.
+        self.consumer.commit_async(offsets)
+        self._uncommitted.update(offsets)
         self.metrics.events_applied.inc(outcome.applied)
         self.metrics.duplicates.inc(outcome.duplicates)
         self.metrics.users.set(len(self.engine.users))

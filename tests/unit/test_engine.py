@@ -213,7 +213,7 @@ class FakeConsumer:
         self.log = log
         self.committed = None
 
-    def commit(self, offsets):
+    def commit_async(self, offsets):
         self.committed = offsets
         self.log.append("commit")
 
