@@ -267,3 +267,15 @@ def test_loop_checkpoint_order_and_dead_letters():
     assert decode_recommendations(rec).event_ids == ["g1"]
     headers = [dict(h) for t, _, _, h in w.publisher.sent if t == "ratings.dlq"]
     assert {h["refold.error.type"] for h in headers} == {b"invalid_json", b"key_mismatch"}
+
+
+def test_videos_without_training_interactions_start_from_their_content_prior():
+    model = make_model()
+    model.item_factors[7] = 0.0  # metadata-only video: the trainer never saw it
+    eng = Recommender(model)
+    assert 7 in eng.catalog.new
+    prior = eng.catalog.factors[7].copy()
+    assert np.linalg.norm(prior) > 0
+    eng.apply(ev("a", "u1", "v7", "like"))
+    eng.recommend(["u1"])
+    assert not np.allclose(eng.catalog.factors[7], prior)  # refit from the interaction

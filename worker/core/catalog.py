@@ -55,19 +55,26 @@ class Catalog:
         self.popular_order = np.argsort(-self.popularity, kind="stable")
         self.n_base = n
         self.new: dict[int, _NewVideo] = {}
-        self.gram: F32 = gramian(model.item_factors)
-        self._index: ItemIndex | None = None
+        # Videos with no training interaction have all-zero factors: ALS would neither
+        # recommend nor ever refit them. They are treated as new videos instead.
+        trained = np.linalg.norm(model.item_factors, axis=1) > 0
         self._cat_sum: dict[int, tuple[F32, int]] = _group_sums(
-            model.item_factors, model.videos.category
+            model.item_factors, np.where(trained, model.videos.category, -1).astype(np.int32)
         )
         self._auth_sum: dict[int, tuple[F32, int]] = _group_sums(
-            model.item_factors, model.videos.author
+            model.item_factors, np.where(trained, model.videos.author, -1).astype(np.int32)
         )
         self._global_mean: F32 = (
-            model.item_factors.mean(axis=0).astype(np.float32)
-            if n
+            model.item_factors[trained].mean(axis=0).astype(np.float32)
+            if trained.any()
             else np.zeros(f, dtype=np.float32)
         )
+        for idx in np.flatnonzero(~trained).tolist():
+            prior = self._content_prior(int(self._category[idx]), int(self._author[idx]))
+            self.new[idx] = _NewVideo(prior=prior, interactions={})
+            self._factors[idx] = prior
+        self.gram: F32 = gramian(self.factors)
+        self._index: ItemIndex | None = None
 
     # ---- read side -------------------------------------------------------------------------
 
