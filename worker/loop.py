@@ -44,7 +44,7 @@ from worker.kafkaio import (
     topic_partitions,
 )
 from worker.metrics import WorkerMetrics
-from worker.snapshots import load_snapshot, save_snapshot
+from worker.snapshots import Snapshot, load_snapshot, save_snapshot
 from worker.storage import load_model
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ class Worker:
         self.changelog_next: dict[int, int] = {}
         self._last_snapshot = time.monotonic()
         self._dirty: set[int] = set()  # partitions changed since their last snapshot
+        self._preloaded: dict[int, Snapshot] = {}
+        self._preloader: threading.Thread | None = None
         self._uncommitted: dict[TopicPartition, OffsetAndMetadata] = {}
         self._pending_model: Model | None = None
         self._loading: threading.Thread | None = None
@@ -177,6 +179,7 @@ class Worker:
         """Run until stopped; returns the process exit code."""
         if self.stopping.is_set():
             return 0
+        self._start_preload()
         self._setup()
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
@@ -304,8 +307,13 @@ class Worker:
         if not self.settings.durable or not new:
             return
         started = time.monotonic()
-        snaps = {}
-        if self.settings.state_dir is not None:
+        snaps: dict[int, Snapshot] = {}
+        if self._preloader is not None:
+            self._preloader.join()
+            self._preloader = None
+            snaps = {p: s for p, s in self._preloaded.items() if p in new}
+            self._preloaded = {}
+        elif self.settings.state_dir is not None:
             for p in new:
                 snap = load_snapshot(self.settings.state_dir, self.topics.changelog, p)
                 if snap is not None:
@@ -338,6 +346,27 @@ class Worker:
         )
         if sum(len(t) for t in tail.values()) > _SNAPSHOT_AFTER_TAIL:
             self._snapshot(new)
+
+    def _start_preload(self) -> None:
+        """Load local snapshots in the background while the group join runs."""
+        state_dir = self.settings.state_dir
+        if state_dir is None or not self.settings.durable or not Path(state_dir).is_dir():
+            return
+        prefix = f"{self.topics.changelog}-"
+        found = sorted(
+            int(p.name[len(prefix) : -len(".json")])
+            for p in Path(state_dir).glob(f"{prefix}*.json")
+            if p.name[len(prefix) : -len(".json")].isdigit()
+        )
+
+        def preload() -> None:
+            for p in found:
+                snap = load_snapshot(state_dir, self.topics.changelog, p)
+                if snap is not None:
+                    self._preloaded[p] = snap
+
+        self._preloader = threading.Thread(target=preload, name="snapshot-preload", daemon=True)
+        self._preloader.start()
 
     def _snapshot(self, partitions: set[int]) -> None:
         """Write local snapshots of ``partitions`` (no-op without a state dir)."""
