@@ -65,8 +65,14 @@ GpuMode = Literal["auto", "on", "off"]
 #: confidence below 1 *less* than a missing one.
 DEFAULT_FACTORS = 64
 DEFAULT_ITERATIONS = 15
-DEFAULT_REGULARIZATION = 30.0
-DEFAULT_ALPHA = 10.0
+#: Replay evaluation (prequential NDCG@10, live fold-in, in-process) then moved the
+#: defaults: on ml-latest-small alpha 10 / reg 30 gave 0.050 (below time-aware
+#: popularity, 0.053), alpha 3 / reg 1 gave 0.057 and alpha 1 / reg 0.1 gave 0.060;
+#: on synthetic data (8k users) the same three gave 0.155, 0.152 and 0.146. Alpha 3 /
+#: reg 1 is the compromise: it beats popularity on real data and is within 2% of the
+#: best on planted tastes.
+DEFAULT_REGULARIZATION = 1.0
+DEFAULT_ALPHA = 3.0
 #: Seed of implicit's initial factors, fixed so that a retrain on the same data and
 #: parameters gives the same model.
 RANDOM_STATE = 42
