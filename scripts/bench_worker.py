@@ -239,7 +239,10 @@ def naive(bootstrap: str, model_dir: Path, events) -> float:
 
     m = load_model(model_dir)
     als = AlternatingLeastSquares(
-        factors=m.params.factors, regularization=m.params.regularization, alpha=m.params.alpha
+        factors=m.params.factors,
+        regularization=m.params.regularization,
+        alpha=m.params.alpha,
+        num_threads=1,  # one event at a time: thread start-up per call only costs
     )
     als.user_factors = m.user_factors
     als.item_factors = m.item_factors
