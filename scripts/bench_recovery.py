@@ -224,20 +224,17 @@ def main() -> None:
         reader.start()
         producer = KafkaProducer(bootstrap_servers=bs, linger_ms=0, acks=1)
         state_dir, log = work / "state", work / "worker.log"
-        started = time.perf_counter()
-        proc = spawn(
-            bs,
-            model,
-            t,
-            f"{prefix}-g",
-            durable=True,
-            state_dir=state_dir,
-            log=log,
-        )
-        send(producer, t["ratings"], "probe-cold", "s1", videos[0])
-        producer.flush()
-        wait(lambda: "probe-cold" in reader.seen, 600, "first list after the cold restore")
-        cold = reader.seen["probe-cold"] - started
+
+        def start_and_probe(probe: str, user: str, video: str, timeout_s: float):
+            """Spawn the worker, send one event, return (process, seconds to its list)."""
+            t0 = time.perf_counter()
+            proc = spawn(bs, model, t, f"{prefix}-g", durable=True, state_dir=state_dir, log=log)
+            send(producer, t["ratings"], probe, user, video)
+            producer.flush()
+            wait(lambda: probe in reader.seen, timeout_s, f"the list for {probe}")
+            return proc, reader.seen[probe] - t0
+
+        proc, cold = start_and_probe("probe-cold", "s1", videos[0], 600)
         print(f"cold restore of {args.users} users: {cold:.1f}s", flush=True)
         # Load, then kill -9 in the middle of it.
         rng = np.random.default_rng(9)
@@ -257,20 +254,7 @@ def main() -> None:
         )
         proc.kill()
         proc.wait()
-        restarted = time.perf_counter()
-        proc = spawn(
-            bs,
-            model,
-            t,
-            f"{prefix}-g",
-            durable=True,
-            state_dir=state_dir,
-            log=log,
-        )
-        send(producer, t["ratings"], "probe-warm", "s2", videos[1])
-        producer.flush()
-        wait(lambda: "probe-warm" in reader.seen, 300, "first list after the restart")
-        recovery = reader.seen["probe-warm"] - restarted
+        proc, recovery = start_and_probe("probe-warm", "s2", videos[1], 300)
         wait(
             lambda: sum(1 for e in reader.seen if e.startswith("load-")) >= 3000,
             300,
