@@ -34,7 +34,7 @@ from worker.core.engine import Recommender
 from worker.core.handler import Source, handle_batch
 from worker.core.model import Model
 from worker.core.wire import RatingEvent, decode_rating, decode_video
-from worker.errors import DecodeError
+from worker.errors import BrokerError, DecodeError
 from worker.kafkaio import (
     Publisher,
     dead_letter_headers,
@@ -173,6 +173,13 @@ class Worker:
         self.broadcast.assign(tps)
         self.broadcast.seek_to_beginning(*tps)
         self._drain_broadcast(until_caught_up=True)
+        # Know the ratings topic's partitions before joining: a group leader that joins
+        # without them assigns nothing and only notices at the next metadata refresh.
+        deadline = time.monotonic() + 60.0
+        while not self.consumer.partitions_for_topic(t.ratings):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"no metadata for topic {t.ratings} after 60s")
+            time.sleep(0.1)  # metadata of a just-created topic propagates asynchronously
         self.consumer.subscribe([t.ratings], listener=_Rebalance(self))
 
     def run(self) -> int:
