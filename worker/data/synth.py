@@ -259,7 +259,8 @@ def _reactions(rng: np.random.Generator, views: dict[str, Any]) -> dict[str, Any
     }
 
 
-_LOG_SCHEMA = pa.schema(
+#: The Rutube log layout written here and by the dataset converters.
+LOGS_SCHEMA = pa.schema(
     [
         ("event_timestamp", pa.timestamp("us", tz="UTC")),
         ("viewer_uid", pa.string()),
@@ -269,7 +270,7 @@ _LOG_SCHEMA = pa.schema(
         ("ua_device_type", pa.string()),
     ]
 )
-_REACTION_SCHEMA = pa.schema(
+REACTIONS_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
         ("video_id", pa.string()),
@@ -319,8 +320,8 @@ def synthesize(
     views_per_video = np.zeros(videos, dtype=np.int64)
     bar = tqdm(total=events, unit="rows", unit_scale=True, disable=not progress, desc="synth")
     with (
-        pq.ParquetWriter(logs_path, _LOG_SCHEMA) as logs_w,
-        pq.ParquetWriter(reactions_path, _REACTION_SCHEMA) as react_w,
+        pq.ParquetWriter(logs_path, LOGS_SCHEMA) as logs_w,
+        pq.ParquetWriter(reactions_path, REACTIONS_SCHEMA) as react_w,
     ):
         for i, cseq in enumerate(chunk_seqs):
             n = min(row_group_size, events - written)
@@ -342,7 +343,7 @@ def synthesize(
                         "region": regions.take(pa.array(v["region"])),
                         "ua_device_type": devices.take(pa.array(v["device"])),
                     },
-                    schema=_LOG_SCHEMA,
+                    schema=LOGS_SCHEMA,
                 ),
                 row_group_size=row_group_size,
             )
@@ -355,7 +356,7 @@ def synthesize(
                         "action": actions.take(pa.array(r["action"])),
                         "ts": pa.array(r["ts"], pa.timestamp("us", tz="UTC")),
                     },
-                    schema=_REACTION_SCHEMA,
+                    schema=REACTIONS_SCHEMA,
                 ),
                 row_group_size=row_group_size,
             )

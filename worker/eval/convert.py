@@ -62,6 +62,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from worker.data.synth import LOGS_SCHEMA, REACTIONS_SCHEMA
 from worker.errors import DataError
 
 #: Length given to every converted item, in seconds. The sources have no
@@ -77,16 +78,6 @@ LOGS_FILE = "logs.parquet"
 VIDEOS_FILE = "video_stat.parquet"
 REACTIONS_FILE = "reactions.parquet"
 
-LOGS_SCHEMA = pa.schema(
-    [
-        ("event_timestamp", pa.timestamp("us", tz="UTC")),
-        ("viewer_uid", pa.string()),
-        ("rutube_video_id", pa.string()),
-        ("total_watchtime", pa.int64()),
-        ("region", pa.string()),
-        ("ua_device_type", pa.string()),
-    ]
-)
 VIDEOS_SCHEMA = pa.schema(
     [
         ("video_id", pa.string()),
@@ -98,14 +89,6 @@ VIDEOS_SCHEMA = pa.schema(
         ("v_likes", pa.int64()),
         ("v_dislikes", pa.int64()),
         ("v_year_views", pa.int64()),
-    ]
-)
-REACTIONS_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.string()),
-        ("video_id", pa.string()),
-        ("action", pa.string()),
-        ("ts", pa.timestamp("us", tz="UTC")),
     ]
 )
 

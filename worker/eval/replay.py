@@ -99,6 +99,7 @@ from worker.core.wire import (
     decode_recommendations,
     encode,
 )
+from worker.data.ingest import MS_DETECT_THRESHOLD
 from worker.errors import ConfigError, DataError, DecodeError, RefoldError
 from worker.eval.metrics import (
     METRIC_DEFINITIONS,
@@ -152,7 +153,6 @@ _SCORE_FIELD = {
 #: Rows per Parquet batch when reading or writing (about 100 MB of columns).
 _BATCH_ROWS = 1_000_000
 #: A median duration above this many "seconds" (5.5 hours) is taken as milliseconds.
-_MS_DURATION_MEDIAN = 20_000.0
 #: Probe user of the live replay: its list tells that the worker has joined its group.
 PROBE_USER = "__refold_replay_probe__"
 #: Pending in-process list requests are answered in batches of at most this many users.
@@ -380,7 +380,7 @@ def detect_duration_scale(durations: F64, unit: str) -> float:
     if unit != "auto":
         raise ConfigError(f"duration unit must be auto, s or ms, got {unit!r}")
     finite = durations[np.isfinite(durations) & (durations > 0)]
-    return 1000.0 if finite.size and float(np.median(finite)) > _MS_DURATION_MEDIAN else 1.0
+    return 1000.0 if finite.size and float(np.median(finite)) > MS_DETECT_THRESHOLD else 1.0
 
 
 def load_events(
