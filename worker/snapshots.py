@@ -86,9 +86,7 @@ def load_snapshot(state_dir: Path, topic: str, partition: int) -> Snapshot | Non
         if hashlib.sha256(body).hexdigest() != meta["sha256"]:
             raise ValueError("checksum mismatch")
         table = pa.ipc.open_file(pa.BufferReader(body)).read_all()
-        records = dict(
-            zip(table["user_id"].to_pylist(), table["record"].to_pylist(), strict=True)
-        )
+        records = dict(zip(table["user_id"].to_pylist(), table["record"].to_pylist(), strict=True))
         return Snapshot(records=records, next_offset=int(meta["next_offset"]))
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
         log.warning("ignoring snapshot %s: %s; restoring from the changelog", data_path, exc)

@@ -118,3 +118,36 @@ def test_top_k_pruning_prunes_but_stays_exact():
     _items, scores = top_k(ItemIndex.build(y), x, ex, 10)
     _, ref_scores = top_k_reference(y, x, ex, 10)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_does_not_depend_on_the_batch():
+    """BLAS rounds a score by its place in a tile; the lists must not change with the batch."""
+    rng = np.random.default_rng(11)
+    y = rng.standard_normal((5000, 16)).astype(np.float32)
+    y[100:140] = y[7]  # 41 identical videos (e.g. new ones sharing a content prior)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    x[:8] = y[7]  # users whose best items are that tie group
+    ex = [rng.choice(5000, 20, replace=False) for _ in range(64)]
+    index = ItemIndex.build(y)
+    items, scores = top_k(index, x, ex, 10)
+    for u in range(64):
+        alone_i, alone_s = top_k(index, x[u : u + 1], [ex[u]], 10)
+        assert items[u].tolist() == alone_i[0].tolist()
+        assert scores[u].tobytes() == alone_s[0].tobytes()
+    perm = rng.permutation(64)
+    p_items, _ = top_k(index, x[perm], [ex[i] for i in perm], 10)
+    assert (p_items == items[perm]).all()
+
+
+def test_top_k_breaks_exact_ties_by_lower_item_index():
+    """A tie group larger than the candidate margin still yields the lowest indices."""
+    rng = np.random.default_rng(3)
+    y = (rng.standard_normal((3000, 8)) * 0.1).astype(np.float32)
+    tied = np.arange(500, 560)
+    y[tied] = 1.0  # 60 identical, far better than anything else
+    x = np.ones((2, 8), np.float32)
+    ex = [np.array([500, 502]), np.array([], np.int64)]
+    items, scores = top_k(ItemIndex.build(y), x, ex, 10)
+    assert items[0].tolist() == [501, *range(503, 512)]
+    assert items[1].tolist() == list(range(500, 510))
+    assert len(set(scores[1].tolist())) == 1

@@ -7,8 +7,20 @@ from worker.core.scoring import Weights
 
 
 def test_worker_uses_training_weights_unless_overridden():
-    manifest = {"data_summary": {"training": {"weights": {"view": 1.5, "like": 3.0, "neutral": 0.25,
-                                                          "dislike": 4.0, "watch_cap": 1.0, "default_duration_s": 600.0}}}}
+    manifest = {
+        "data_summary": {
+            "training": {
+                "weights": {
+                    "view": 1.5,
+                    "like": 3.0,
+                    "neutral": 0.25,
+                    "dislike": 4.0,
+                    "watch_cap": 1.0,
+                    "default_duration_s": 600.0,
+                }
+            }
+        }
+    }
     assert WorkerSettings().weights(manifest).like == 3.0
     assert WorkerSettings(weight_like=5.0).weights(manifest).like == 5.0
     assert WorkerSettings(weight_like=5.0).weights(manifest).dislike == 4.0

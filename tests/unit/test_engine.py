@@ -161,9 +161,18 @@ def test_fast_list_encoding_equals_the_pydantic_model():
     """The hot path's JSON is exactly what the wire model would serialise."""
     from worker.core.wire import Recommendations, encode, encode_recommendations
 
-    kw = dict(user_id="u1", video_ids=["a", "b"], scores=[0.5, float("-inf")], model_version="m",
-              strategy="als", generated_at=NOW, event_ids=["e1"], last_event_ts=NOW,
-              source=("ratings", 1, 7), events_applied=3)
+    kw = dict(
+        user_id="u1",
+        video_ids=["a", "b"],
+        scores=[0.5, float("-inf")],
+        model_version="m",
+        strategy="als",
+        generated_at=NOW,
+        event_ids=["e1"],
+        last_event_ts=NOW,
+        source=("ratings", 1, 7),
+        events_applied=3,
+    )
     fast = encode_recommendations(**kw)
     model = decode_recommendations(fast)  # validates against the schema
     assert isinstance(model, Recommendations)

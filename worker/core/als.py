@@ -179,16 +179,48 @@ def top_k(
 
     Returns ``(items, scores)`` of shape ``(n_users, k)``, best first. Where fewer
     than k items are eligible, the tail holds item ``-1`` and score ``-inf``.
+
+    The result does not depend on which other users share the batch: BLAS
+    rounds a score differently depending on where it sits in a matrix tile, so
+    BLAS only nominates ``k + _TIE_MARGIN`` candidates, and the final order
+    comes from float64 dot products summed in a fixed order, ties broken by
+    the lower item index. Videos with identical factors (new videos sharing a
+    content prior) therefore always rank the same way.
     """
     n_users = user_factors.shape[0]
     n_items = index.n_items
-    best_i = np.full((n_users, k), -1, dtype=np.int64)  # sorted positions
-    best_s = np.full((n_users, k), -np.inf, dtype=np.float32)
+    out_i = np.full((n_users, k), -1, dtype=np.int64)
+    out_s = np.full((n_users, k), -np.inf, dtype=np.float32)
     if n_users == 0 or n_items == 0:
-        return best_i, best_s
+        return out_i, out_s
     x = np.ascontiguousarray(user_factors, dtype=np.float32)
-    xnorm = np.linalg.norm(x, axis=1)
-    # Excluded (user, sorted position) pairs, ordered by position for per-chunk slicing.
+    kc = min(k + _TIE_MARGIN, n_items)
+    ex_user, ex_pos = _excluded_positions(index, exclude)
+    cand = _candidates(index, x, ex_user, ex_pos, kc)  # sorted positions, -1 = none
+    items, s64 = _exact_rank(index, x, cand)
+    # A near-tie at the candidate boundary could hide an item BLAS ranked just below
+    # it: those (rare) users are ranked again from a full scan.
+    tol = _blas_tolerance(index, x)
+    kk = min(k, kc)
+    if kc < n_items:
+        edge = np.isfinite(s64[:, kc - 1]) & (s64[:, kk - 1] - s64[:, kc - 1] <= 2 * tol)
+        for u in np.flatnonzero(edge):
+            items[u], s64[u] = _full_rank(index, x[u], ex_pos[ex_user == u], kc, 2 * tol[u])
+    out_i[:, :kk] = items[:, :kk]
+    out_s[:, :kk] = s64[:, :kk]
+    return out_i, out_s
+
+
+# Extra candidates BLAS nominates beyond k, so exact ties and near-ties at the k-th
+# place are settled by the exact rescoring rather than by BLAS rounding.
+_TIE_MARGIN = 10
+
+
+def _excluded_positions(
+    index: ItemIndex, exclude: Sequence[npt.NDArray[np.integer]]
+) -> tuple[I64, I64]:
+    """Excluded (user, sorted position) pairs, ordered by position."""
+    n_items = index.n_items
     ex_user = np.concatenate(
         [np.full(len(e), u, dtype=np.int64) for u, e in enumerate(exclude)]
         + [np.empty(0, np.int64)]
@@ -199,15 +231,29 @@ def top_k(
     keep = (ex_item >= 0) & (ex_item < n_items)
     ex_user, ex_pos = ex_user[keep], index.rank[ex_item[keep]]
     by_pos = np.argsort(ex_pos, kind="stable")
-    ex_user, ex_pos = ex_user[by_pos], ex_pos[by_pos]
+    return ex_user[by_pos], ex_pos[by_pos]
 
+
+def _blas_tolerance(index: ItemIndex, x: F32) -> npt.NDArray[np.float64]:
+    """Per user, a bound on the float32 rounding error of any one BLAS score."""
+    f = x.shape[1]
+    xnorm = np.linalg.norm(x.astype(np.float64), axis=1)
+    return xnorm * float(index.norms[0]) * (4 * f * float(np.finfo(np.float32).eps)) + 1e-30
+
+
+def _candidates(index: ItemIndex, x: F32, ex_user: I64, ex_pos: I64, kc: int) -> I64:
+    """The ``kc`` best sorted positions per user by BLAS float32 scores, norm-pruned."""
+    n_users, n_items = x.shape[0], index.n_items
+    best_i = np.full((n_users, kc), -1, dtype=np.int64)  # sorted positions
+    best_s = np.full((n_users, kc), -np.inf, dtype=np.float32)
+    xnorm = np.linalg.norm(x, axis=1)
     active = np.arange(n_users)
     local_of = np.full(n_users, -1, dtype=np.int64)
     start, chunk = 0, _FIRST_CHUNK
     while start < n_items:
         if start > 0:
             bound = xnorm[active] * index.norms[start]
-            active = active[best_s[active, k - 1] < bound]
+            active = active[best_s[active, kc - 1] < bound]
             if len(active) == 0:
                 break
         end = min(start + chunk, n_items)
@@ -221,21 +267,46 @@ def top_k(
             hit = rows >= 0
             scores[rows[hit], ex_pos[lo:hi][hit] - start] = -np.inf
             local_of[active] = -1
-        kk = min(k, width)
-        cols, vals = _chunk_top_k(scores, kk)
+        cols, vals = _chunk_top_k(scores, min(kc, width))
         merged_s = np.concatenate([best_s[active], vals], axis=1)
         merged_i = np.concatenate([best_i[active], cols + start], axis=1)
-        pick = np.argpartition(merged_s, merged_s.shape[1] - k, axis=1)[:, -k:]
+        pick = np.argpartition(merged_s, merged_s.shape[1] - kc, axis=1)[:, -kc:]
         best_s[active] = np.take_along_axis(merged_s, pick, axis=1)
         best_i[active] = np.take_along_axis(merged_i, pick, axis=1)
-        # Keep the k-th best in the last column for the pruning bound.
+        # Keep the kc-th best in the last column for the pruning bound.
         srt = np.argsort(-best_s[active], axis=1, kind="stable")
         best_s[active] = np.take_along_axis(best_s[active], srt, axis=1)
         best_i[active] = np.take_along_axis(best_i[active], srt, axis=1)
         start, chunk = end, min(chunk * 2, _MAX_CHUNK)
-    valid = np.isfinite(best_s) & (best_i >= 0)
-    items = np.where(valid, index.order[np.clip(best_i, 0, n_items - 1)], -1)
-    return items.astype(np.int64), np.where(valid, best_s, -np.inf).astype(np.float32)
+    return np.where(np.isfinite(best_s), best_i, -1)
+
+
+def _exact_rank(index: ItemIndex, x: F32, pos: I64) -> tuple[I64, npt.NDArray[np.float64]]:
+    """Candidates re-scored in float64 with a fixed summation order and sorted.
+
+    Order: score descending, then item index ascending; missing candidates last.
+    """
+    valid = pos >= 0
+    safe = np.where(valid, pos, 0)
+    y = index.factors[safe].astype(np.float64)  # (n, kc, f)
+    s64 = np.where(valid, (y * x.astype(np.float64)[:, None, :]).sum(axis=2), -np.inf)
+    items = np.where(valid, index.order[safe], -1)
+    # Missing candidates (-1) sort after every real item with the same (-inf) score.
+    tiebreak = np.where(valid, items, np.iinfo(np.int64).max)
+    order = np.lexsort((tiebreak, -s64), axis=1)
+    return np.take_along_axis(items, order, axis=1), np.take_along_axis(s64, order, axis=1)
+
+
+def _full_rank(
+    index: ItemIndex, x: F32, ex_pos: I64, kc: int, slack: float
+) -> tuple[I64, npt.NDArray[np.float64]]:
+    """One user's ``kc`` best from every item within ``slack`` of the BLAS cut-off."""
+    scores = index.factors @ x
+    scores[ex_pos] = -np.inf
+    cut = np.partition(scores, len(scores) - kc)[len(scores) - kc]
+    pos = np.flatnonzero(np.isfinite(scores) & (scores >= cut - slack))
+    items, s64 = _exact_rank(index, x[None, :], pos[None, :])
+    return items[0, :kc], s64[0, :kc]
 
 
 def top_k_reference(
