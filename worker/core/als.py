@@ -237,8 +237,9 @@ def _excluded_positions(
 def _blas_tolerance(index: ItemIndex, x: F32) -> npt.NDArray[np.float64]:
     """Per user, a bound on the float32 rounding error of any one BLAS score."""
     f = x.shape[1]
-    xnorm = np.linalg.norm(x.astype(np.float64), axis=1)
-    return xnorm * float(index.norms[0]) * (4 * f * float(np.finfo(np.float32).eps)) + 1e-30
+    xnorm: npt.NDArray[np.float64] = np.linalg.norm(x.astype(np.float64), axis=1)
+    scale = float(index.norms[0]) * (4 * f * float(np.finfo(np.float32).eps))
+    return xnorm * scale + 1e-30
 
 
 def _candidates(index: ItemIndex, x: F32, ex_user: I64, ex_pos: I64, kc: int) -> I64:
