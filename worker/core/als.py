@@ -239,7 +239,8 @@ def _blas_tolerance(index: ItemIndex, x: F32) -> npt.NDArray[np.float64]:
     f = x.shape[1]
     xnorm: npt.NDArray[np.float64] = np.linalg.norm(x.astype(np.float64), axis=1)
     scale = float(index.norms[0]) * (4 * f * float(np.finfo(np.float32).eps))
-    return xnorm * scale + 1e-30
+    tol: npt.NDArray[np.float64] = xnorm * scale + 1e-30
+    return tol
 
 
 def _candidates(index: ItemIndex, x: F32, ex_user: I64, ex_pos: I64, kc: int) -> I64:
