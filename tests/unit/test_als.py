@@ -151,3 +151,15 @@ def test_top_k_breaks_exact_ties_by_lower_item_index():
     assert items[0].tolist() == [501, *range(503, 512)]
     assert items[1].tolist() == list(range(500, 510))
     assert len(set(scores[1].tolist())) == 1
+
+
+@pytest.mark.parametrize("max_len", [3, 40, 150])
+def test_fold_in_low_rank_and_direct_paths_match_reference(max_len: int):
+    """64 factors: rows shorter than 64 take the Woodbury path, longer ones the direct solve."""
+    rng = np.random.default_rng(max_len)
+    y = (rng.standard_normal((400, 64)) * 0.2).astype(np.float32)
+    rows = _rows(rng, 90, 400, max_len)
+    rows[0] = (np.array([5, 9]), np.array([1.0, -1.0], np.float32))  # |c| = 1: zero weight
+    fast = fold_in(y, gramian(y), rows, regularization=0.5, alpha=1.0)
+    slow = fold_in_reference(y, rows, regularization=0.5, alpha=1.0)
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)

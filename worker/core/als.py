@@ -48,10 +48,16 @@ def fold_in(
     regularization: float,
     alpha: float,
 ) -> F32:
-    """Exact ALS solve for each row against fixed ``factors``; one batched solve.
+    """Exact ALS solve for each row against fixed ``factors``; batched solves.
 
     ``factors`` are the fixed side (item factors for a user fold-in), ``gram`` is
     ``factorsᵀ factors``. Returns one factor vector per row, float32.
+
+    ``A_u = B + Y_uᵀ W_u Y_u`` with ``B = YᵀY + λI`` shared by every user, and a
+    row of ``n`` videos changes ``B`` by rank ``n`` only. Short rows (``n < f``)
+    are therefore solved through the Woodbury identity: an ``n × n`` system per
+    user instead of ``f × f``. Long rows take the direct ``f × f`` solve. Both
+    are exact, in float64; the tests hold them to ``np.linalg.solve``.
     """
     n = len(rows)
     f = factors.shape[1]
@@ -61,25 +67,56 @@ def fold_in(
     lengths = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=n)
     order = np.argsort(lengths, kind="stable")
     base = gram.astype(np.float64) + regularization * np.eye(f)
+    base_inv: npt.NDArray[np.float64] | None = None
     for start in range(0, n, _FOLD_GROUP):
         group = order[start : start + _FOLD_GROUP]
-        width = int(lengths[group].max())
+        width = max(int(lengths[group].max()), 1)
         g = len(group)
-        idx = np.zeros((g, max(width, 1)), dtype=np.int64)
-        conf = np.zeros((g, max(width, 1)), dtype=np.float64)
+        idx = np.zeros((g, width), dtype=np.int64)
+        conf = np.zeros((g, width), dtype=np.float64)
         for j, u in enumerate(group):
             cols, vals = rows[u]
             m = len(cols)
             idx[j, :m] = cols
-            conf[j, :m] = alpha * np.asarray(vals, dtype=np.float64)
+            conf[j, :m] = vals
+        conf *= alpha
         y = factors[idx].astype(np.float64)  # (g, width, f); padding has conf 0 -> weight 0
-        pad = np.arange(idx.shape[1])[None, :] >= lengths[group][:, None]
+        pad = np.arange(width)[None, :] >= lengths[group][:, None]
         weight = np.where(pad, 0.0, np.abs(conf) - 1.0)
-        # Σ w_i y_i y_iᵀ and Σ c_i y_i as batched matrix products (BLAS), float64 throughout.
-        a = base[None, :, :] + np.matmul((y * weight[:, :, None]).transpose(0, 2, 1), y)
-        b = np.matmul(np.where(conf > 0, conf, 0.0)[:, None, :], y)[:, 0, :]
-        out[group] = np.linalg.solve(a, b[:, :, None])[:, :, 0].astype(np.float32)
+        cpos = np.where(conf > 0, conf, 0.0)
+        if width < f:
+            if base_inv is None:
+                base_inv = np.linalg.inv(base)
+            out[group] = _solve_low_rank(base_inv, y, weight, cpos).astype(np.float32)
+        else:
+            # Σ w_i y_i y_iᵀ and Σ c_i y_i as batched matrix products (BLAS).
+            a = base[None, :, :] + np.matmul((y * weight[:, :, None]).transpose(0, 2, 1), y)
+            b = np.matmul(cpos[:, None, :], y)[:, 0, :]
+            out[group] = np.linalg.solve(a, b[:, :, None])[:, :, 0].astype(np.float32)
     return out
+
+
+def _solve_low_rank(
+    base_inv: npt.NDArray[np.float64],
+    y: npt.NDArray[np.float64],
+    weight: npt.NDArray[np.float64],
+    cpos: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """``(B + Yᵀ W Y)⁻¹ Yᵀ c`` per user by Woodbury, with ``B⁻¹`` given.
+
+    ``A⁻¹ = B⁻¹ − B⁻¹Yᵀ (I + W Y B⁻¹ Yᵀ)⁻¹ W Y B⁻¹``; no inverse of ``W`` is
+    needed, so zero weights (``|c| = 1``, or padding) are fine. The small matrix
+    is singular exactly when ``A`` is.
+    """
+    n = y.shape[1]
+    z_rows = np.matmul(y, base_inv)  # Y B⁻¹, (g, n, f)
+    k = np.matmul(z_rows, y.transpose(0, 2, 1))  # Y B⁻¹ Yᵀ, (g, n, n)
+    z = np.matmul(cpos[:, None, :], z_rows)[:, 0, :]  # B⁻¹ b, since b = Yᵀ c
+    t = np.matmul(y, z[:, :, None])[:, :, 0]  # Y z
+    small = np.eye(n)[None, :, :] + weight[:, :, None] * k
+    s = np.linalg.solve(small, (weight * t)[:, :, None])[:, :, 0]
+    solved: npt.NDArray[np.float64] = z - np.matmul(s[:, None, :], z_rows)[:, 0, :]
+    return solved
 
 
 def fold_in_reference(
