@@ -20,7 +20,7 @@ from kafka import TopicPartition
 
 from worker.config import KafkaSettings
 from worker.core.engine import Recommender
-from worker.core.state import encode_record
+from worker.core.state import encode_state
 from worker.errors import StateError
 from worker.kafkaio import Publisher, make_consumer
 
@@ -37,7 +37,7 @@ def write_changes(
     out: dict[str, tuple[int, bytes]] = {}
     for user_id in users:
         st = engine.users[user_id]
-        value = encode_record(st.to_record(engine.catalog.items.id_of))
+        value = encode_state(st, engine.catalog.items.id_of)
         publisher.send(
             topic,
             key=user_id.encode("utf-8"),

@@ -1,19 +1,22 @@
-"""The worker loop: poll → decode → handle → publish → (changelog) → commit.
+"""The worker loop: poll → decode → handle → publish lists and state → commit.
 
 It only orchestrates; the work is in :func:`worker.core.handler.handle_batch`.
 Checkpoint order per batch, so that nothing is lost or counted twice:
 
-1. publish the lists and dead letters, and wait until all are acknowledged;
-2. write the changed users' state to the changelog, and wait for the acks;
-3. commit the consumed offsets.
+1. queue the lists, the dead letters and the changed users' state (changelog),
+   then wait until every one of them is acknowledged (one flush);
+2. only then commit the consumed offsets.
 
-A crash before 2 completes replays the batch onto the old state (lists are
-published again, identical); a crash between 2 and 3 replays it onto the new
-state, where the per-user source offset makes every event a no-op.
+A crash before the state is acknowledged replays the batch onto the old state
+(its lists are published again, identical). A crash after it replays the batch
+onto the new state: the per-user source offset makes each event a no-op, and
+the user's list is published again, since the crash may have come before that
+list was acknowledged.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import signal
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 # A restore that read more changelog records than this writes a snapshot at once, so that
 # the next restart does not read them again.
 _SNAPSHOT_AFTER_TAIL = 10_000
+# Seconds between two reads of the videos and control topics.
+_BROADCAST_EVERY_S = 0.2
 # Poll timeout when idle: short enough to notice SIGTERM and broadcasts promptly.
 _POLL_TIMEOUT_MS = 100
 
@@ -188,15 +193,25 @@ class Worker:
             return 0
         self._start_preload()
         self._setup()
+        # The model, the id maps and the restored state live as long as the process: move
+        # them out of the collector's generations, so a full collection does not walk
+        # millions of long-lived objects in the middle of a batch.
+        gc.collect()
+        gc.freeze()
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         log.info(
             "worker started: model %s, group %s", self.engine.model_version, self.settings.group
         )
         try:
+            next_broadcast = 0.0
             while not self.stopping.is_set():
                 self.metrics.beat()
-                self._drain_broadcast(until_caught_up=False)
+                if time.monotonic() >= next_broadcast:
+                    # A poll of the broadcast consumer costs milliseconds (network I/O and
+                    # GIL hand-offs); videos and model announcements need no faster pickup.
+                    self._drain_broadcast(until_caught_up=False)
+                    next_broadcast = time.monotonic() + _BROADCAST_EVERY_S
                 self._maybe_swap()
                 batch = self.consumer.poll(
                     timeout_ms=_POLL_TIMEOUT_MS, max_records=self.settings.max_poll_records
@@ -442,23 +457,25 @@ class Worker:
             self.publisher.send(
                 self.topics.recommendations, key=rec.user_id.encode("utf-8"), value=rec.payload
             )
-        self.publisher.confirm()
+        written: dict[str, tuple[int, bytes]] = {}
+        if self.settings.durable and outcome.changed_users:
+            written = write_changes(
+                self.publisher, self.topics.changelog, self.engine, outcome.changed_users
+            )
+        # One flush for lists, dead letters and state: all acknowledged before the commit.
+        for meta in self.publisher.confirm():
+            if meta.topic == self.topics.changelog:
+                nxt = self.changelog_next.get(meta.partition, 0)
+                self.changelog_next[meta.partition] = max(nxt, meta.offset + 1)
         acked_ms = time.time() * 1000.0
         for rec in outcome.recommendations:
             self.metrics.lists_out.labels(rec.strategy).inc()
             ts = kafka_ts.get(rec.user_id)
             if ts is not None and ts > 0:
                 self.metrics.e2e_latency.observe(max(0.0, (acked_ms - ts) / 1000.0))
-        if self.settings.durable and outcome.changed_users:
-            written = write_changes(
-                self.publisher, self.topics.changelog, self.engine, outcome.changed_users
-            )
-            for meta in self.publisher.confirm():
-                nxt = self.changelog_next.get(meta.partition, 0)
-                self.changelog_next[meta.partition] = max(nxt, meta.offset + 1)
-            for user_id, (p, raw) in written.items():
-                self.records.setdefault(p, {})[user_id] = raw
-                self._dirty.add(p)
+        for user_id, (p, raw) in written.items():
+            self.records.setdefault(p, {})[user_id] = raw
+            self._dirty.add(p)
         # Asynchronous: the changelog already records each user's source offset, so a
         # commit that is lost only makes a restart skip events it re-reads. The last
         # offsets are committed synchronously on shutdown.
@@ -466,6 +483,7 @@ class Worker:
         self._uncommitted.update(offsets)
         self.metrics.events_applied.inc(outcome.applied)
         self.metrics.duplicates.inc(outcome.duplicates)
+        self.metrics.replayed.inc(outcome.replayed)
         self.metrics.users.set(len(self.engine.users))
         self.metrics.batch_seconds.observe(time.monotonic() - started)
         lag = 0

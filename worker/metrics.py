@@ -20,6 +20,11 @@ class WorkerMetrics:
         self.events_in = Counter("refold_events_in", "Rating events decoded", registry=r)
         self.events_applied = Counter("refold_events_applied", "Events applied", registry=r)
         self.duplicates = Counter("refold_events_duplicate", "Events skipped as dups", registry=r)
+        self.replayed = Counter(
+            "refold_events_replayed",
+            "Events re-read after a restart that the restored state already reflects",
+            registry=r,
+        )
         self.videos_in = Counter("refold_videos_in", "Video events registered", registry=r)
         self.lists_out = Counter("refold_lists_out", "Lists published", ["strategy"], registry=r)
         self.dead_letters = Counter(

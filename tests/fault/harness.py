@@ -100,12 +100,12 @@ def produce(producer: RatingProducer, events: list[RatingEvent]) -> None:
     producer.flush()
 
 
-def last_per_user(records: list[Any]) -> dict[str, dict[str, Any]]:
+def last_per_user(records: list[Any], decode: Any = json.loads) -> dict[str, dict[str, Any]]:
     """The latest message per key; one key lives in one partition, read in offset order."""
     out: dict[str, dict[str, Any]] = {}
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
         if r.value is not None:
-            out[r.key.decode()] = json.loads(r.value)
+            out[r.key.decode()] = decode(r.value)
     return out
 
 

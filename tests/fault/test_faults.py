@@ -24,6 +24,7 @@ from tests.fault.harness import (
     wait_all_applied,
 )
 from tests.kit import TopicReader, Topics, WorkerProcess, broker_choice, kafka_settings, make_model
+from worker.core.state import decode_record
 from worker.producer import RatingProducer
 from worker.storage import save_model
 
@@ -33,14 +34,14 @@ pytestmark = [pytest.mark.fault, pytest.mark.integration]
 def _changelog(broker: str, topics: Topics) -> dict:
     reader = TopicReader(broker, topics.settings.changelog)
     try:
-        # The changelog is complete once every final list is out (it is written before the commit,
-        # after the lists); read until two polls in a row bring nothing new.
+        # The changelog is flushed with the lists, so it is complete once every final list is
+        # out; read until two polls in a row bring nothing new.
         prev = -1
         while len(reader.records) != prev:
             prev = len(reader.records)
             for _ in range(5):
                 reader.poll()
-        return last_per_user(reader.records)
+        return last_per_user(reader.records, decode=decode_record)
     finally:
         reader.close()
 

@@ -163,3 +163,27 @@ def test_fold_in_low_rank_and_direct_paths_match_reference(max_len: int):
     fast = fold_in(y, gramian(y), rows, regularization=0.5, alpha=1.0)
     slow = fold_in_reference(y, rows, regularization=0.5, alpha=1.0)
     np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_item_index_updated_in_place_stays_exact():
+    """Refit and appended items keep their place; the suffix-max bound keeps pruning exact."""
+    rng = np.random.default_rng(5)
+    n, f = 20_000, 16
+    norms = np.sort(rng.pareto(2.0, n) + 0.05)[::-1].astype(np.float32)
+    y = rng.standard_normal((n, f)).astype(np.float32)
+    y *= (norms / np.linalg.norm(y, axis=1))[:, None]
+    index = ItemIndex.build(y)
+    # Items deep in the order (small norms) become the longest: a stale order must not prune them.
+    grown = np.array([19_990, 15_000, 7])
+    y[grown] = rng.standard_normal((3, f)).astype(np.float32) * 20
+    index.update(grown, y[grown])
+    extra = rng.standard_normal((5, f)).astype(np.float32) * 15
+    y = np.concatenate([y, extra])
+    index.extend(extra)
+    x = rng.standard_normal((30, f)).astype(np.float32)
+    ex = [np.array([7]) if u % 2 else np.array([], np.int64) for u in range(30)]
+    items, scores = top_k(index, x, ex, 10)
+    ref_items, ref_scores = top_k_reference(y, x, ex, 10)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    assert (items == ref_items).all()
+    assert set(items.ravel().tolist()) & {*grown.tolist(), *range(n, n + 5)}

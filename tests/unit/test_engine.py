@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 import numpy as np
@@ -177,6 +178,22 @@ def test_fast_list_encoding_equals_the_pydantic_model():
     model = decode_recommendations(fast)  # validates against the schema
     assert isinstance(model, Recommendations)
     assert fast == encode(model)
+    tricky = dict(
+        kw,
+        user_id='us"er\\1',
+        video_ids=["vidé/🙂", "q'\"x", "c"],
+        scores=[1e-7, -123456789.125, float("nan")],
+        generated_at="2026-11-29T10:00:00.123456Z",
+        event_ids=["e\\1", "ë2"],
+        last_event_ts=datetime(2026, 1, 2, 3, 4, 5, 678, tzinfo=timezone.utc),
+        source=None,
+        events_applied=0,
+    )
+    fast = encode_recommendations(**tricky)
+    # Same JSON value (pydantic writes 1e-7 where Python writes 1e-07).
+    assert json.loads(fast) == json.loads(encode(decode_recommendations(fast)))
+    assert json.loads(fast)["items"][0]["video_id"] == "vidé/🙂"
+    assert decode_recommendations(fast).user_id == 'us"er\\1'
 
 
 def test_snapshot_restore_roundtrip():
@@ -264,13 +281,10 @@ def test_loop_checkpoint_order_and_dead_letters():
     w.process(batch)
     topics = [t for t, *_ in w.publisher.sent]
     assert topics.count("ratings.dlq") == 2
-    # lists -> confirm -> changelog -> confirm -> commit
-    assert (
-        log.index("send:recommendations")
-        < log.index("confirm")
-        < log.index("send:refold.state-changelog")
-    )
-    assert log[-1] == "commit" and log[-2] == "confirm"
+    # lists, dead letters and state queued -> one confirm -> commit
+    assert log.index("send:recommendations") < log.index("confirm")
+    assert log.index("send:refold.state-changelog") < log.index("confirm")
+    assert log.count("confirm") == 1 and log[-1] == "commit" and log[-2] == "confirm"
     assert w.consumer.committed[TopicPartition("ratings", 0)].offset == 13
     rec = next(v for t, _, v, _ in w.publisher.sent if t == "recommendations")
     assert decode_recommendations(rec).event_ids == ["g1"]
@@ -288,3 +302,48 @@ def test_videos_without_training_interactions_start_from_their_content_prior():
     eng.apply(ev("a", "u1", "v7", "like"))
     eng.recommend(["u1"])
     assert not np.allclose(eng.catalog.factors[7], prior)  # refit from the interaction
+
+
+def test_changelog_record_roundtrip_binary_and_json():
+    """The binary changelog value carries the whole state; the older JSON form still reads."""
+    import json
+
+    from worker.core.state import RecordError, decode_record, encode_record, encode_state
+
+    eng = Recommender(make_model())
+    eng.apply(ev("e1", "u1", "ghost", "like"), partition=3, offset=41)
+    eng.apply(ev("e2", "u1", "v2", "dislike"), partition=3, offset=42)
+    st = eng.users["u1"]
+    rec = eng.snapshot("u1")
+    raw = encode_state(st, eng.catalog.items.id_of)
+    assert encode_record(rec) == raw
+    back = decode_record(raw)
+    assert {k: back[k] for k in rec if k != "v"} == {k: rec[k] for k in rec if k != "v"}
+    assert decode_record(json.dumps(rec).encode())["recent_ids"] == ["e1", "e2"]
+    empty = decode_record(encode_record({**rec, "videos": [], "values": [], "recent_ids": []}))
+    assert empty["videos"] == [] and empty["recent_ids"] == []
+    for bad in (raw[:-30], b"XX" + raw[2:], raw[:5]):
+        with pytest.raises(RecordError):
+            decode_record(bad)
+
+
+def test_replayed_events_republish_the_list_but_change_nothing():
+    """A crash after the state was saved but before a list was acknowledged loses no list."""
+    eng = Recommender(make_model())
+    first = handle_batch(
+        eng, [(ev("e1", "u1", "v1", "like"), Source("ratings", 0, 5))], (), now=NOW
+    )
+    row = dict(eng.users["u1"].row)
+    again = handle_batch(
+        eng,
+        [
+            (ev("e1", "u1", "v1", "like"), Source("ratings", 0, 5)),  # re-read after a restart
+            (ev("e1", "u1", "v1", "like"), Source("ratings", 0, 6)),  # an app's retry
+        ],
+        (),
+        now=NOW,
+    )
+    assert (again.applied, again.replayed, again.duplicates) == (0, 1, 1)
+    assert again.changed_users == [] and eng.users["u1"].row == row
+    assert [r.user_id for r in again.recommendations] == ["u1"]
+    assert again.recommendations[0].payload == first.recommendations[0].payload

@@ -68,8 +68,7 @@ def fold_in(
     order = np.argsort(lengths, kind="stable")
     base = gram.astype(np.float64) + regularization * np.eye(f)
     base_inv: npt.NDArray[np.float64] | None = None
-    for start in range(0, n, _FOLD_GROUP):
-        group = order[start : start + _FOLD_GROUP]
+    for group in _length_groups(lengths[order], order, f):
         width = max(int(lengths[group].max()), 1)
         g = len(group)
         idx = np.zeros((g, width), dtype=np.int64)
@@ -94,6 +93,28 @@ def fold_in(
             b = np.matmul(cpos[:, None, :], y)[:, 0, :]
             out[group] = np.linalg.solve(a, b[:, :, None])[:, :, 0].astype(np.float32)
     return out
+
+
+def _length_groups(sorted_lengths: I64, order: I64, f: int) -> list[I64]:
+    """Split rows (sorted by length) into groups padded to a common width.
+
+    A group holds at most ``_FOLD_GROUP`` rows, never mixes rows shorter than
+    ``f`` (low-rank solve) with longer ones (direct solve), and ends where a row
+    is more than twice as long as the group's first: one long row must not make
+    a whole group pay for its width.
+    """
+    groups: list[I64] = []
+    start, n = 0, len(order)
+    while start < n:
+        first = int(sorted_lengths[start])
+        limit = max(2 * first, 8)
+        if first < f:
+            limit = min(limit, f - 1)
+        end = min(start + _FOLD_GROUP, n)
+        end = start + max(1, int(np.searchsorted(sorted_lengths[start:end], limit, side="right")))
+        groups.append(order[start:end])
+        start = end
+    return groups
 
 
 def _solve_low_rank(
@@ -143,7 +164,7 @@ def fold_in_reference(
     return out
 
 
-@dataclass(frozen=True)
+@dataclass
 class ItemIndex:
     """Item factors sorted by decreasing norm, for exact norm-pruned top-k.
 
@@ -151,12 +172,18 @@ class ItemIndex:
     ``x·y ≤ |x|·|y|``, once a user's k-th best score is at least ``|x|`` times
     the largest norm left, no remaining item can enter the list, and that user
     stops. The result is exact; the pruning only saves work.
+
+    Items refit or added at run time are updated in place (:meth:`update`,
+    :meth:`extend`) instead of re-sorting: they keep their position, and
+    ``bound`` (the largest norm at or after each position) keeps the pruning
+    exact.
     """
 
     order: I64  # sorted position -> item index
     rank: I64  # item index -> sorted position
     factors: F32  # item factors in sorted order, C-contiguous
-    norms: F32  # norms in sorted order (non-increasing)
+    norms: F32  # norm of the item at each sorted position
+    bound: F32  # max(norms[p:]) for each position p (non-increasing)
 
     @classmethod
     def build(cls, item_factors: F32) -> ItemIndex:
@@ -164,16 +191,42 @@ class ItemIndex:
         order = np.argsort(-norms, kind="stable").astype(np.int64)
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order), dtype=np.int64)
+        sorted_norms = norms[order]
         return cls(
             order=order,
             rank=rank,
             factors=np.ascontiguousarray(item_factors[order]),
-            norms=norms[order],
+            norms=sorted_norms,
+            bound=_suffix_max(sorted_norms),
         )
 
     @property
     def n_items(self) -> int:
         return len(self.order)
+
+    def update(self, items: npt.NDArray[np.integer], vectors: F32) -> None:
+        """New factors for existing items, in place."""
+        pos = self.rank[np.asarray(items, dtype=np.int64)]
+        self.factors[pos] = vectors
+        self.norms[pos] = np.linalg.norm(vectors, axis=1)
+        self.bound = _suffix_max(self.norms)
+
+    def extend(self, vectors: F32) -> None:
+        """Append items ``n_items, n_items + 1, ...`` at the end of the order."""
+        n, m = self.n_items, len(vectors)
+        new = np.arange(n, n + m, dtype=np.int64)
+        self.order = np.concatenate([self.order, new])
+        self.rank = np.concatenate([self.rank, new])
+        self.factors = np.ascontiguousarray(np.concatenate([self.factors, vectors]))
+        self.norms = np.concatenate([self.norms, np.linalg.norm(vectors, axis=1)]).astype(
+            np.float32
+        )
+        self.bound = _suffix_max(self.norms)
+
+
+def _suffix_max(norms: F32) -> F32:
+    out: F32 = np.maximum.accumulate(norms[::-1])[::-1].astype(np.float32)
+    return out
 
 
 # Items scored per step: the first step is small because ALS item norms are skewed
@@ -275,7 +328,7 @@ def _blas_tolerance(index: ItemIndex, x: F32) -> npt.NDArray[np.float64]:
     """Per user, a bound on the float32 rounding error of any one BLAS score."""
     f = x.shape[1]
     xnorm: npt.NDArray[np.float64] = np.linalg.norm(x.astype(np.float64), axis=1)
-    scale = float(index.norms[0]) * (4 * f * float(np.finfo(np.float32).eps))
+    scale = float(index.bound[0]) * (4 * f * float(np.finfo(np.float32).eps))
     tol: npt.NDArray[np.float64] = xnorm * scale + 1e-30
     return tol
 
@@ -291,7 +344,7 @@ def _candidates(index: ItemIndex, x: F32, ex_user: I64, ex_pos: I64, kc: int) ->
     start, chunk = 0, _FIRST_CHUNK
     while start < n_items:
         if start > 0:
-            bound = xnorm[active] * index.norms[start]
+            bound = xnorm[active] * index.bound[start]
             active = active[best_s[active, kc - 1] < bound]
             if len(active) == 0:
                 break

@@ -75,6 +75,7 @@ class Catalog:
             self._factors[idx] = prior
         self.gram: F32 = gramian(self.factors)
         self._index: ItemIndex | None = None
+        self._stale: set[int] = set()  # items whose factors changed since the index saw them
 
     # ---- read side -------------------------------------------------------------------------
 
@@ -98,9 +99,19 @@ class Catalog:
         return self._category[: len(self.items)]
 
     def index(self) -> ItemIndex:
-        """The norm-sorted top-k index, rebuilt lazily after item factors change."""
+        """The norm-sorted top-k index, brought up to date with refit and added videos."""
         if self._index is None:
             self._index = ItemIndex.build(self.factors)
+            self._stale.clear()
+            return self._index
+        n_indexed = self._index.n_items
+        if self._stale:
+            stale = np.array(sorted(i for i in self._stale if i < n_indexed), dtype=np.int64)
+            if len(stale):
+                self._index.update(stale, self._factors[stale])
+            self._stale.clear()
+        if len(self.items) > n_indexed:
+            self._index.extend(self._factors[n_indexed : len(self.items)])
         return self._index
 
     # ---- write side ------------------------------------------------------------------------
@@ -128,7 +139,7 @@ class Catalog:
             np.float32
         )
         self._factors[idx] = vec
-        self._index = None
+        self._stale.add(idx)
 
     def ensure(self, video_id: str) -> int:
         """Index of ``video_id``; an unknown video is registered with the global prior."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +23,14 @@ from worker.core.wire import TOP_K, RatingEvent, VideoEvent
 
 #: Score multiplier for a popular video in a category the user has disliked.
 DISLIKED_CATEGORY_PENALTY = 0.5
+
+
+class Applied(Enum):
+    """What :meth:`Recommender.apply_at` did with an event."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"  # an event id already applied (an app's producer retry)
+    REPLAYED = "replayed"  # at or before the source offset the state already reflects
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,7 @@ class Recommender:
             base = self.model.users.get(user_id)
             if base is not None:
                 cols, vals = self.model.row_of(base)
-                st.row = {int(c): float(v) for c, v in zip(cols, vals, strict=True)}
+                st.row = dict(zip(cols.tolist(), vals.tolist(), strict=True))
                 st.factors = self.model.user_factors[base]
             self.users[user_id] = st
         return st
@@ -93,11 +102,15 @@ class Recommender:
 
     def apply(self, event: RatingEvent, *, partition: int = -1, offset: int = -1) -> bool:
         """Apply one event to its user's row. False when it was already applied."""
+        return self.apply_at(event, partition=partition, offset=offset) is Applied.APPLIED
+
+    def apply_at(self, event: RatingEvent, *, partition: int = -1, offset: int = -1) -> Applied:
+        """Apply one event at a source position, telling a replay from a duplicate."""
         st = self.state_of(event.user_id)
-        if st.seen(event.event_id):
-            return False
         if partition >= 0 and partition == st.partition and offset <= st.offset:
-            return False  # replayed after a restore: the state already reflects it
+            return Applied.REPLAYED  # re-read after a restore: the state already reflects it
+        if st.seen(event.event_id):
+            return Applied.DUPLICATE
         item = self.catalog.ensure(event.video_id)
         value = self.weights.event_value(
             event.action, event.watch_seconds, self.catalog.duration_of(item)
@@ -110,7 +123,7 @@ class Recommender:
             st.partition, st.offset = partition, offset
         if item in self.catalog.new:
             self.catalog.note_interaction(item, self.user_idx.add(event.user_id), st.row[item])
-        return True
+        return Applied.APPLIED
 
     # ---- ranking -------------------------------------------------------------------------
 
@@ -152,15 +165,16 @@ class Recommender:
         out: list[UserList | None] = [None] * len(user_ids)
         if personal:
             x = np.stack([states[i].factors for i in personal]).astype(np.float32)  # type: ignore[misc]
-            exclude = [np.fromiter(states[i].row.keys(), dtype=np.int64) for i in personal]
+            exclude = [np.array(list(states[i].row), dtype=np.int64) for i in personal]
             items, scores = top_k(self.catalog.index(), x, exclude, self.k)
-            ids = self.catalog.items
-            for j, i in enumerate(personal):
-                ok = items[j] >= 0
+            ids = self.catalog.items.ids
+            # Whole-matrix conversions: per-row numpy indexing costs more than the ranking.
+            for i, its, scs in zip(personal, items.tolist(), scores.tolist(), strict=True):
+                n = its.index(-1) if -1 in its else len(its)  # missing items trail
                 out[i] = UserList(
                     user_id=user_ids[i],
-                    video_ids=[ids.id_of(int(v)) for v in items[j][ok]],
-                    scores=[float(s) for s in scores[j][ok]],
+                    video_ids=[ids[v] for v in its[:n]],
+                    scores=scs[:n],
                     strategy="als",
                 )
         for i, st in enumerate(states):
@@ -235,6 +249,9 @@ class Recommender:
 
 def row_arrays(row: dict[int, float]) -> tuple[npt.NDArray[np.int64], F32]:
     """A state row as (item indices, values) arrays, zero values dropped."""
-    cols = np.fromiter((i for i, v in row.items() if v != 0.0), dtype=np.int64)
-    vals = np.fromiter((v for v in row.values() if v != 0.0), dtype=np.float32)
-    return cols, vals
+    cols = np.array(list(row), dtype=np.int64)
+    vals = np.array(list(row.values()), dtype=np.float64)
+    nonzero = vals != 0.0
+    if not nonzero.all():
+        cols, vals = cols[nonzero], vals[nonzero]
+    return cols, vals.astype(np.float32)

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from worker.core.engine import Recommender
-from worker.core.wire import RatingEvent, VideoEvent, encode_recommendations
+from worker.core.engine import Applied, Recommender
+from worker.core.wire import RatingEvent, VideoEvent, encode_recommendations, to_rfc3339
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,7 @@ class BatchOutcome:
     changed_users: list[str] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
+    replayed: int = 0
     videos: int = 0
 
 
@@ -51,24 +52,36 @@ def handle_batch(
     *,
     now: datetime,
 ) -> BatchOutcome:
-    """Apply a batch and return one list per user whose row changed.
+    """Apply a batch and return one list per user whose row changed or was replayed.
 
     Videos register first, so a rating in the same batch already sees the
     video's duration and content prior. A user's events coalesce into one list.
+
+    An event re-read after a restart (at or before the offset the user's state
+    already reflects) changes nothing, but its user's list is published again:
+    the crash may have come after the state was saved and before that list was
+    acknowledged. A second identical list is harmless; a missing one is not.
     """
     out = BatchOutcome()
     for video in videos:
         engine.register_video(video)
         out.videos += 1
     reflected: dict[str, list[tuple[RatingEvent, Source]]] = {}
+    changed: dict[str, None] = {}
     for event, src in ratings:
-        if engine.apply(event, partition=src.partition, offset=src.offset):
-            reflected.setdefault(event.user_id, []).append((event, src))
+        result = engine.apply_at(event, partition=src.partition, offset=src.offset)
+        if result is Applied.DUPLICATE:
+            out.duplicates += 1
+            continue
+        reflected.setdefault(event.user_id, []).append((event, src))
+        if result is Applied.APPLIED:
+            changed[event.user_id] = None
             out.applied += 1
         else:
-            out.duplicates += 1
+            out.replayed += 1
     users = list(reflected)
-    out.changed_users = users
+    out.changed_users = list(changed)
+    generated_at = to_rfc3339(now)
     for lst in engine.recommend(users):
         events = reflected[lst.user_id]
         _, last_src = events[-1]
@@ -79,7 +92,7 @@ def handle_batch(
             scores=lst.scores,
             model_version=engine.model_version,
             strategy=lst.strategy,
-            generated_at=now,
+            generated_at=generated_at,
             event_ids=event_ids,
             last_event_ts=max(e.ts for e, _ in events),
             source=(

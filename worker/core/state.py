@@ -9,6 +9,7 @@ that a restore from the changelog can skip events that were already applied.
 from __future__ import annotations
 
 import json
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,7 @@ class UserState:
 
     def to_record(self, video_id_of: Any) -> dict[str, Any]:
         """A JSON-ready snapshot, with videos by id (item indices differ across workers)."""
-        items = sorted(self.row.items())
+        items = list(self.row.items())
         return {
             "v": 1,
             "videos": [video_id_of(i) for i, _ in items],
@@ -74,12 +75,70 @@ class UserState:
         )
 
 
+# Changelog value layout (version 2): a fixed header, the row values as float64,
+# then the row's video ids and the recent event ids, each joined by NUL. Wire ids
+# are validated to hold no control characters, so NUL never occurs inside one.
+# Version 1 was compact JSON (a value starting with ``{``); it is still read.
+_MAGIC = b"RF\x02"
+_HEAD = struct.Struct("<3sqiqII")  # magic, events_applied, partition, offset, n_items, ids_len
+_SEP = "\x00"
+
+
+class RecordError(ValueError):
+    """A changelog value that is not a valid state record."""
+
+
+def encode_state(state: UserState, video_id_of: Any) -> bytes:
+    """A user's state as a compact binary changelog value (see :func:`decode_record`)."""
+    n = len(state.row)
+    videos = _SEP.join([video_id_of(i) for i in state.row]).encode("utf-8")
+    head = _HEAD.pack(_MAGIC, state.events_applied, state.partition, state.offset, n, len(videos))
+    values = struct.pack(f"<{n}d", *state.row.values())
+    recent = _SEP.join(state.recent_ids).encode("utf-8")
+    return b"".join((head, values, videos, recent))
+
+
 def encode_record(record: dict[str, Any]) -> bytes:
-    """A state record as compact JSON bytes (the changelog value)."""
-    return json.dumps(record, separators=(",", ":")).encode("utf-8")
+    """A state record (as :meth:`UserState.to_record` gives) as a changelog value."""
+    n = len(record["videos"])
+    videos = _SEP.join(record["videos"]).encode("utf-8")
+    head = _HEAD.pack(
+        _MAGIC,
+        int(record["events_applied"]),
+        int(record["partition"]),
+        int(record["offset"]),
+        n,
+        len(videos),
+    )
+    values = struct.pack(f"<{n}d", *record["values"])
+    return b"".join((head, values, videos, _SEP.join(record["recent_ids"]).encode("utf-8")))
 
 
 def decode_record(raw: bytes) -> dict[str, Any]:
-    """Inverse of :func:`encode_record`."""
-    record: dict[str, Any] = json.loads(raw)
-    return record
+    """A changelog value as a state record dict; reads both the binary and the JSON form."""
+    if raw[:1] == b"{":
+        record: dict[str, Any] = json.loads(raw)
+        return record
+    try:
+        magic, applied, partition, offset, n, ids_len = _HEAD.unpack_from(raw)
+        if magic != _MAGIC:
+            raise RecordError(f"unknown state record version {magic!r}")
+        at = _HEAD.size
+        values = list(struct.unpack_from(f"<{n}d", raw, at))
+        at += 8 * n
+        videos = raw[at : at + ids_len].decode("utf-8").split(_SEP) if n else []
+        tail = raw[at + ids_len :]
+        recent = tail.decode("utf-8").split(_SEP) if tail else []
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise RecordError(f"corrupt state record: {exc}") from exc
+    if len(videos) != n or at + ids_len > len(raw):
+        raise RecordError("corrupt state record: lengths do not match")
+    return {
+        "v": 2,
+        "videos": videos,
+        "values": values,
+        "events_applied": applied,
+        "recent_ids": recent,
+        "partition": partition,
+        "offset": offset,
+    }

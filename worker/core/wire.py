@@ -218,7 +218,7 @@ def encode_recommendations(
     scores: list[float],
     model_version: str,
     strategy: str,
-    generated_at: datetime,
+    generated_at: datetime | str,
     event_ids: list[str],
     last_event_ts: datetime | None,
     source: tuple[str, int, int] | None,
@@ -227,26 +227,45 @@ def encode_recommendations(
     """The JSON of a :class:`Recommendations`, built directly on the hot path.
 
     Building one pydantic model per list (and per item) costs more than the
-    fold-in; the tests check that these bytes validate as ``Recommendations``
-    and equal the model's own serialisation.
+    fold-in, and so does ``json.dumps`` of nested dicts; the text is assembled
+    from JSON-escaped strings and ``repr`` of floats, which is what
+    ``json.dumps`` writes. The tests check that these bytes validate as
+    ``Recommendations`` and equal the model's own serialisation.
+    ``generated_at`` may be given preformatted (:func:`to_rfc3339`), once per batch.
     """
-    doc: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "user_id": user_id,
-        "items": [
-            {"video_id": v, "score": finite(s)} for v, s in zip(video_ids, scores, strict=True)
-        ],
-        "model_version": model_version,
-        "strategy": strategy,
-        "generated_at": to_rfc3339(generated_at),
-        "event_ids": event_ids,
-    }
+    q = _json_str
+    items = ",".join(
+        [
+            f'{{"video_id":{q(v)},"score":{finite(sc)!r}}}'
+            for v, sc in zip(video_ids, scores, strict=True)
+        ]
+    )
+    gen = generated_at if isinstance(generated_at, str) else to_rfc3339(generated_at)
+    parts = [
+        f'{{"schema_version":{SCHEMA_VERSION},"user_id":{q(user_id)},"items":[{items}],'
+        f'"model_version":{q(model_version)},"strategy":{q(strategy)},"generated_at":{q(gen)},'
+        f'"event_ids":[{",".join([q(e) for e in event_ids])}]'
+    ]
     if last_event_ts is not None:
-        doc["last_event_ts"] = to_rfc3339(last_event_ts)
+        parts.append(f',"last_event_ts":{q(to_rfc3339(last_event_ts))}')
     if source is not None:
-        doc["source"] = {"topic": source[0], "partition": source[1], "offset": source[2]}
-    doc["events_applied"] = events_applied
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        parts.append(
+            f',"source":{{"topic":{q(source[0])},"partition":{int(source[1])},'
+            f'"offset":{int(source[2])}}}'
+        )
+    parts.append(f',"events_applied":{int(events_applied)}}}')
+    return "".join(parts).encode("utf-8")
+
+
+# JSON string literal of a str, non-ASCII kept (as json.dumps(..., ensure_ascii=False)).
+_json_str = json.encoder.py_encode_basestring
+try:  # the C version when the interpreter has it
+    from json.encoder import c_encode_basestring as _c_encode  # type: ignore[attr-defined]
+
+    if _c_encode is not None:
+        _json_str = _c_encode
+except ImportError:  # pragma: no cover
+    pass
 
 
 def finite(x: float) -> float:
