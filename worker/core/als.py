@@ -85,7 +85,7 @@ def fold_in(
         cpos = np.where(conf > 0, conf, 0.0)
         if width < f:
             if base_inv is None:
-                base_inv = np.linalg.inv(base)
+                base_inv = np.linalg.inv(base).astype(np.float64)
             out[group] = _solve_low_rank(base_inv, y, weight, cpos).astype(np.float32)
         else:
             # Σ w_i y_i y_iᵀ and Σ c_i y_i as batched matrix products (BLAS).
