@@ -106,13 +106,18 @@ def test_top_k_fewer_eligible_than_k():
     assert (items[0, 3:] == -1).all() and np.isneginf(scores[0, 3:]).all()
 
 
+def _skewed_items(rng: np.random.Generator, n: int, f: int) -> np.ndarray:
+    """Item factors with Pareto norms, sorted long to short (as ALS gives popular items)."""
+    norms = np.sort(rng.pareto(2.0, n) + 0.05)[::-1].astype(np.float32)
+    y = rng.standard_normal((n, f)).astype(np.float32)
+    return y * (norms / np.linalg.norm(y, axis=1))[:, None]
+
+
 def test_top_k_pruning_prunes_but_stays_exact():
     """Skewed norms (as ALS gives popular items) let most users stop early; results still exact."""
     rng = np.random.default_rng(7)
-    n, f = 50_000, 16
-    norms = np.sort(rng.pareto(2.0, n) + 0.05)[::-1].astype(np.float32)
-    y = rng.standard_normal((n, f)).astype(np.float32)
-    y *= (norms / np.linalg.norm(y, axis=1))[:, None]
+    f = 16
+    y = _skewed_items(rng, 50_000, f)
     x = rng.standard_normal((20, f)).astype(np.float32)
     ex = [np.array([], np.int64)] * 20
     _items, scores = top_k(ItemIndex.build(y), x, ex, 10)
@@ -169,9 +174,7 @@ def test_item_index_updated_in_place_stays_exact():
     """Refit and appended items keep their place; the suffix-max bound keeps pruning exact."""
     rng = np.random.default_rng(5)
     n, f = 20_000, 16
-    norms = np.sort(rng.pareto(2.0, n) + 0.05)[::-1].astype(np.float32)
-    y = rng.standard_normal((n, f)).astype(np.float32)
-    y *= (norms / np.linalg.norm(y, axis=1))[:, None]
+    y = _skewed_items(rng, n, f)
     index = ItemIndex.build(y)
     # Items deep in the order (small norms) become the longest: a stale order must not prune them.
     grown = np.array([19_990, 15_000, 7])
