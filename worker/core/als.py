@@ -16,6 +16,7 @@ Each fast path has a slow, obviously correct reference beside it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,8 +67,7 @@ def fold_in(
         return out
     lengths = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=n)
     order = np.argsort(lengths, kind="stable")
-    base = gram.astype(np.float64) + regularization * np.eye(f)
-    base_inv: npt.NDArray[np.float64] | None = None
+    base, base_inv = _normal_base(gram.tobytes(), f, float(regularization))
     for group in _length_groups(lengths[order], order, f):
         width = max(int(lengths[group].max()), 1)
         g = len(group)
@@ -84,8 +84,6 @@ def fold_in(
         weight = np.where(pad, 0.0, np.abs(conf) - 1.0)
         cpos = np.where(conf > 0, conf, 0.0)
         if width < f:
-            if base_inv is None:
-                base_inv = np.linalg.inv(base).astype(np.float64)
             out[group] = _solve_low_rank(base_inv, y, weight, cpos).astype(np.float32)
         else:
             # Σ w_i y_i y_iᵀ and Σ c_i y_i as batched matrix products (BLAS).
@@ -95,26 +93,51 @@ def fold_in(
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _normal_base(
+    gram_bytes: bytes, f: int, regularization: float
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """``B = YᵀY + λI`` and its inverse, cached: the gramian changes far less often than
+    fold-ins run (never for an item-side fold-in, only on item refits for a user one)."""
+    gram = np.frombuffer(gram_bytes, dtype=np.float32).reshape(f, f)
+    base = gram.astype(np.float64) + regularization * np.eye(f)
+    inv: npt.NDArray[np.float64] = np.linalg.inv(base).astype(np.float64)
+    base.setflags(write=False)
+    inv.setflags(write=False)
+    return base, inv
+
+
 def _length_groups(sorted_lengths: I64, order: I64, f: int) -> list[I64]:
     """Split rows (sorted by length) into groups padded to a common width.
 
-    A group holds at most ``_FOLD_GROUP`` rows, never mixes rows shorter than
-    ``f`` (low-rank solve) with longer ones (direct solve), and ends where a row
-    is more than twice as long as the group's first: one long row must not make
-    a whole group pay for its width.
+    A group holds at most ``_FOLD_GROUP`` rows and never mixes rows shorter than
+    ``f`` (low-rank solve) with longer ones (direct solve). It also ends where
+    padding every row to the next row's length would waste more than
+    ``_PAD_BUDGET`` row slots: about what one more group's fixed cost buys. So a
+    small batch stays one or two groups, and one long row does not make a whole
+    group pay for its width.
     """
     groups: list[I64] = []
-    start, n = 0, len(order)
+    lengths = sorted_lengths.tolist()
+    start, n = 0, len(lengths)
     while start < n:
-        first = int(sorted_lengths[start])
-        limit = max(2 * first, 8)
-        if first < f:
-            limit = min(limit, f - 1)
-        end = min(start + _FOLD_GROUP, n)
-        end = start + max(1, int(np.searchsorted(sorted_lengths[start:end], limit, side="right")))
+        total, end = 0, start
+        while end < n and end - start < _FOLD_GROUP:
+            width = lengths[end]
+            if end > start and (lengths[start] < f) != (width < f):
+                break
+            if width * (end - start + 1) - (total + width) > _PAD_BUDGET:
+                break
+            total += width
+            end += 1
+        end = max(end, start + 1)
         groups.append(order[start:end])
         start = end
     return groups
+
+
+# Padded row slots a fold-in group may waste before a new group is cheaper.
+_PAD_BUDGET = 256
 
 
 def _solve_low_rank(
