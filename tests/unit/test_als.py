@@ -190,3 +190,14 @@ def test_item_index_updated_in_place_stays_exact():
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
     assert (items == ref_items).all()
     assert set(items.ravel().tolist()) & {*grown.tolist(), *range(n, n + 5)}
+
+
+def test_fold_in_does_not_depend_on_the_batch():
+    """Together with the top-k's exact rescoring, a user's list is the same in any batch."""
+    rng = np.random.default_rng(1)
+    y = (rng.standard_normal((300, 64)) * 0.3).astype(np.float32)
+    rows = _rows(rng, 120, 300, 119)
+    g = gramian(y)
+    batch = fold_in(y, g, rows, regularization=1.0, alpha=3.0)
+    alone = np.stack([fold_in(y, g, [r], regularization=1.0, alpha=3.0)[0] for r in rows])
+    np.testing.assert_array_equal(batch, alone)
