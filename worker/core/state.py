@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,28 +91,47 @@ class RecordError(ValueError):
 
 def encode_state(state: UserState, video_id_of: Any) -> bytes:
     """A user's state as a compact binary changelog value (see :func:`decode_record`)."""
-    n = len(state.row)
-    videos = _SEP.join([video_id_of(i) for i in state.row]).encode("utf-8")
-    head = _HEAD.pack(_MAGIC, state.events_applied, state.partition, state.offset, n, len(videos))
-    values = struct.pack(f"<{n}d", *state.row.values())
-    recent = _SEP.join(state.recent_ids).encode("utf-8")
-    return b"".join((head, values, videos, recent))
+    return _pack(
+        state.events_applied,
+        state.partition,
+        state.offset,
+        [video_id_of(i) for i in state.row],
+        state.row.values(),
+        state.recent_ids,
+    )
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
     """A state record (as :meth:`UserState.to_record` gives) as a changelog value."""
-    n = len(record["videos"])
-    videos = _SEP.join(record["videos"]).encode("utf-8")
-    head = _HEAD.pack(
-        _MAGIC,
+    return _pack(
         int(record["events_applied"]),
         int(record["partition"]),
         int(record["offset"]),
-        n,
-        len(videos),
+        record["videos"],
+        record["values"],
+        record["recent_ids"],
     )
-    values = struct.pack(f"<{n}d", *record["values"])
-    return b"".join((head, values, videos, _SEP.join(record["recent_ids"]).encode("utf-8")))
+
+
+def _pack(
+    applied: int,
+    partition: int,
+    offset: int,
+    videos: Sequence[str],
+    values: Iterable[float],
+    recent: Iterable[str],
+) -> bytes:
+    n = len(videos)
+    video_bytes = _SEP.join(videos).encode("utf-8")
+    head = _HEAD.pack(_MAGIC, applied, partition, offset, n, len(video_bytes))
+    return b"".join(
+        (
+            head,
+            struct.pack(f"<{n}d", *values),
+            video_bytes,
+            _SEP.join(recent).encode("utf-8"),
+        )
+    )
 
 
 def decode_record(raw: bytes) -> dict[str, Any]:

@@ -257,15 +257,9 @@ def encode_recommendations(
     return "".join(parts).encode("utf-8")
 
 
-# JSON string literal of a str, non-ASCII kept (as json.dumps(..., ensure_ascii=False)).
-_json_str = json.encoder.py_encode_basestring
-try:  # the C version when the interpreter has it
-    from json.encoder import c_encode_basestring as _c_encode  # type: ignore[attr-defined]
-
-    if _c_encode is not None:
-        _json_str = _c_encode
-except ImportError:  # pragma: no cover
-    pass
+# JSON string literal of a str with non-ASCII kept, as json.dumps(..., ensure_ascii=False)
+# writes it (the C encoder when the interpreter has one).
+_json_str = json.encoder.encode_basestring
 
 
 def finite(x: float) -> float:

@@ -86,7 +86,7 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from worker.config import KafkaSettings, TopicSettings
-from worker.core.als import ItemIndex, top_k
+from worker.core.als import F32, I32, I64, ItemIndex, top_k
 from worker.core.engine import Recommender
 from worker.core.model import Model
 from worker.core.scoring import Weights
@@ -111,10 +111,7 @@ from worker.eval.metrics import (
 
 log = logging.getLogger(__name__)
 
-F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
-I64 = npt.NDArray[np.int64]
-I32 = npt.NDArray[np.int32]
 
 #: Action codes of the event table, in this order.
 ACTIONS = ("view", "like", "neutral", "dislike")
