@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from datetime import datetime, timezone
 
@@ -103,6 +104,27 @@ def test_dedup_by_event_id_and_by_source_offset():
     assert not eng.apply(ev("x", "u1", "v9"), partition=0, offset=6)  # app retry, same id
     assert not eng.apply(ev("y", "u1", "v8"), partition=0, offset=5)  # replay at an applied offset
     assert eng.users["u1"].events_applied == 1
+
+
+def test_dedup_window_keeps_the_newest_ids():
+    eng = Recommender(make_model(), dedup_window=3)
+    for i in range(5):
+        eng.apply(ev(f"e{i}", "u1", "v1", "view", 10.0), partition=0, offset=i)
+    assert list(eng.users["u1"].recent_ids) == ["e2", "e3", "e4"]
+    assert not eng.users["u1"].seen("e1") and eng.users["u1"].seen("e4")
+
+
+def test_user_state_is_one_object_for_the_garbage_collector():
+    # Full collections walk every tracked object: a user must cost one, not three.
+    eng = Recommender(make_model())
+    eng.apply(ev("1", "u1", "v1", "like"), partition=0, offset=1)
+    eng.recommend(["u1"])
+    other = Recommender(make_model())
+    other.restore("u1", eng.snapshot("u1"))
+    for st in (eng.users["u1"], other.users["u1"]):
+        assert gc.is_tracked(st)
+        assert not gc.is_tracked(st.row) and not gc.is_tracked(st.recent_ids)
+        assert not hasattr(st, "__dict__")
 
 
 def test_row_is_order_independent():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,14 +24,20 @@ F32 = npt.NDArray[np.float32]
 DEFAULT_DEDUP_WINDOW = 1000
 
 
-@dataclass
+@dataclass(slots=True)
 class UserState:
-    """One user's live state inside a worker."""
+    """One user's live state inside a worker.
+
+    Kept to one object the cyclic garbage collector tracks: the row (int -> float)
+    and the recent ids (str -> None, insertion-ordered) are plain dicts of atomic
+    values, which CPython leaves untracked. A worker holding a million users then
+    does not pay for them in every full collection.
+    """
 
     row: dict[int, float] = field(default_factory=dict)  # item_idx -> value
     factors: F32 | None = None  # None: must be folded in before scoring
     events_applied: int = 0
-    recent_ids: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    recent_ids: dict[str, None] = field(default_factory=dict)  # oldest first
     partition: int = -1
     offset: int = -1  # last applied source offset in ``partition``
 
@@ -40,9 +45,10 @@ class UserState:
         return event_id in self.recent_ids
 
     def remember(self, event_id: str, window: int) -> None:
-        self.recent_ids[event_id] = None
-        while len(self.recent_ids) > window:
-            self.recent_ids.popitem(last=False)
+        ids = self.recent_ids
+        ids[event_id] = None
+        while len(ids) > window:
+            del ids[next(iter(ids))]  # dicts keep insertion order: the oldest goes
 
     def has_positive(self) -> bool:
         return any(v > 0 for v in self.row.values())
@@ -70,7 +76,7 @@ class UserState:
             row=row,
             factors=None,
             events_applied=int(record["events_applied"]),
-            recent_ids=OrderedDict((str(e), None) for e in record["recent_ids"]),
+            recent_ids=dict.fromkeys(str(e) for e in record["recent_ids"]),
             partition=int(record["partition"]),
             offset=int(record["offset"]),
         )
