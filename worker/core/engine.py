@@ -249,9 +249,10 @@ class Recommender:
 
 def row_arrays(row: dict[int, float]) -> tuple[npt.NDArray[np.int64], F32]:
     """A state row as (item indices, values) arrays, zero values dropped."""
-    cols = np.array(list(row), dtype=np.int64)
-    vals = np.array(list(row.values()), dtype=np.float64)
-    nonzero = vals != 0.0
-    if not nonzero.all():
-        cols, vals = cols[nonzero], vals[nonzero]
-    return cols, vals.astype(np.float32)
+    n = len(row)
+    cols = np.fromiter(row, dtype=np.int64, count=n)
+    vals = np.fromiter(row.values(), dtype=np.float32, count=n)
+    if 0.0 in row.values():  # a like undone by a dislike, say: no longer an interaction
+        keep = vals != 0.0
+        cols, vals = cols[keep], vals[keep]
+    return cols, vals
