@@ -59,15 +59,8 @@ _SNAPSHOT_AFTER_TAIL = 10_000
 _BROADCAST_EVERY_S = 0.2
 # Poll timeout when idle: short enough to notice SIGTERM and broadcasts promptly.
 _POLL_TIMEOUT_MS = 100
-# Full garbage collections walk every live user state; left to the interpreter they
-# come every time the tracked objects grow by a quarter, in the middle of a batch
-# (about 0.6 µs per user: 120 ms at 200k users). The loop runs them itself: when a
-# poll comes back empty, at most every _FULL_GC_IDLE_S, and under sustained load
-# every _FULL_GC_BUSY_S. Young generations stay automatic; they are cheap.
-_FULL_GC_IDLE_S = 30.0
 # A poll (beyond its own timeout) or a batch slower than this is logged as a warning.
 _SLOW_TURN_S = 0.25
-_FULL_GC_BUSY_S = 600.0
 
 
 def install_stop_handlers(stopping: threading.Event) -> None:
@@ -207,9 +200,6 @@ class Worker:
         # millions of long-lived objects in the middle of a batch.
         gc.collect()
         gc.freeze()
-        gen0, gen1, _ = gc.get_threshold()
-        gc.set_threshold(gen0, gen1, 1_000_000_000)  # no automatic full collections
-        last_full_gc = time.monotonic()
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         log.info(
@@ -233,10 +223,6 @@ class Worker:
                 if batch:
                     self.process(batch)
                 self._warn_if_slow(batch, started - polled, time.monotonic() - started)
-                since_gc = time.monotonic() - last_full_gc
-                if since_gc > _FULL_GC_BUSY_S or (not batch and since_gc > _FULL_GC_IDLE_S):
-                    gc.collect()
-                    last_full_gc = time.monotonic()
                 if time.monotonic() - self._last_snapshot > self.settings.snapshot_interval_s:
                     self._snapshot(set(self.owned))
             self._snapshot(set(self.owned))
