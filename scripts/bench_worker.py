@@ -36,6 +36,7 @@ import uuid
 from datetime import datetime, timezone
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,10 +101,14 @@ def _read_lists(bootstrap: str, topic: str, conn: Connection) -> None:
     seen: dict[str, float] = {}
     lists, first, last = 0, 0.0, 0.0
     while True:
-        if conn.poll():  # a request: "count" or "stop"
-            if conn.recv() == "stop":
+        if conn.poll():  # a request: ("count", id prefix), ("time", id) or ("stop", None)
+            what, arg = conn.recv()
+            if what == "stop":
                 break
-            conn.send(len(seen))
+            if what == "count":
+                conn.send(len(seen) if not arg else sum(1 for e in seen if e.startswith(arg)))
+            else:
+                conn.send(seen.get(arg))
         for recs in consumer.poll(timeout_ms=50).values():
             now = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
             for r in recs:
@@ -134,17 +139,26 @@ class ListReader:
     def start(self) -> None:
         self._proc.start()
 
-    def progress(self) -> int:
-        """Event ids seen so far (asked for: a reader that wrote unasked would fill the
-        pipe while the load generator is busy, and then block)."""
-        self._conn.send("count")
+    def _ask(self, what: str, arg: str | None) -> Any:
+        # Asked for: a reader that wrote unasked would fill the pipe while the load
+        # generator is busy, and then block.
+        self._conn.send((what, arg))
         if not self._conn.poll(120):  # it answers between two polls once the topic exists
             raise TimeoutError("list reader did not answer")
-        count: int = self._conn.recv()
+        return self._conn.recv()
+
+    def progress(self, prefix: str = "") -> int:
+        """Event ids seen so far (those starting with ``prefix``)."""
+        count: int = self._ask("count", prefix)
         return count
 
+    def arrival(self, event_id: str) -> float | None:
+        """When the first list reflecting ``event_id`` arrived, or None."""
+        t: float | None = self._ask("time", event_id)
+        return t
+
     def stop(self) -> None:
-        self._conn.send("stop")
+        self._conn.send(("stop", None))
         self.seen, self.lists, self.first, self.last = self._conn.recv()
         self._proc.join(timeout=30)
 
