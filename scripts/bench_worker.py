@@ -101,7 +101,7 @@ def _read_lists(bootstrap: str, topic: str, conn: Connection) -> None:
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     seen: dict[str, float] = {}
-    lists, first, last = 0, 0.0, 0.0
+    first, last = 0.0, 0.0
     while True:
         if conn.poll():  # a request: ("count", id prefix), ("time", id) or ("stop", None)
             what, arg = conn.recv()
@@ -116,11 +116,10 @@ def _read_lists(bootstrap: str, topic: str, conn: Connection) -> None:
             for r in recs:
                 for e in json.loads(r.value)["event_ids"]:
                     seen.setdefault(e, now)
-                lists += 1
                 first = first or now
                 last = now
     consumer.close()
-    conn.send((seen, lists, first, last))
+    conn.send((seen, first, last))
 
 
 class ListReader:
@@ -135,7 +134,6 @@ class ListReader:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_read_lists, args=(bootstrap, topic, child), daemon=True)
         self.seen: dict[str, float] = {}
-        self.lists = 0
         self.first = self.last = 0.0
 
     def start(self) -> None:
@@ -161,7 +159,7 @@ class ListReader:
 
     def stop(self) -> None:
         self._conn.send(("stop", None))
-        self.seen, self.lists, self.first, self.last = self._conn.recv()
+        self.seen, self.first, self.last = self._conn.recv()
         self._proc.join(timeout=30)
 
 
