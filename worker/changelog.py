@@ -13,16 +13,15 @@ offsets are not used because the embedded broker answers them wrongly.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 
-from kafka import TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
 from worker.config import KafkaSettings
 from worker.core.engine import Recommender
 from worker.core.state import encode_state
 from worker.errors import StateError
-from worker.kafkaio import Publisher, make_consumer
+from worker.kafkaio import Publisher, drain, make_reader
 
 log = logging.getLogger(__name__)
 
@@ -59,49 +58,36 @@ def read_partitions(
 ) -> tuple[dict[int, dict[str, bytes]], dict[int, int]]:
     """Per partition, the latest raw record per key; and the next offset per partition.
 
-    Reads each partition until its position reaches the high watermark reported
-    by a fetch. Raises :class:`StateError` past the deadline.
+    Reads each partition up to the high watermark reported by a fetch. Raises
+    :class:`StateError` past the deadline.
     """
-    tps = [TopicPartition(topic, p) for p in partitions]
-    latest: dict[int, dict[str, bytes]] = {tp.partition: {} for tp in tps}
-    if not tps:
+    parts = sorted(set(partitions))
+    latest: dict[int, dict[str, bytes]] = {p: {} for p in parts}
+    if not parts:
         return latest, {}
-    consumer = make_consumer(
+    starts = start_offsets or {}
+    consumer = make_reader(
         kafka,
-        group_id=None,
-        fetch_max_wait_ms=fetch_max_wait_ms,
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-        fetch_max_bytes=64 * 1024 * 1024,
+        **{
+            "fetch.wait.max.ms": fetch_max_wait_ms,
+            "max.partition.fetch.bytes": 8 * 1024 * 1024,
+        },
     )
+
+    def on_record(r: Message) -> None:
+        part = latest[r.partition() or 0]
+        key = (r.key() or b"").decode("utf-8")
+        value = r.value()
+        if value is None:
+            part.pop(key, None)
+        else:
+            part[key] = value
+
     try:
-        consumer.assign(tps)
-        for tp in tps:
-            start = (start_offsets or {}).get(tp.partition)
-            if start is None:
-                consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, start)
-        todo = set(tps)
-        end = time.monotonic() + deadline_s
-        while todo:
-            if time.monotonic() > end:
-                raise StateError(
-                    f"changelog restore of {sorted(t.partition for t in todo)} timed out"
-                )
-            batch = consumer.poll(timeout_ms=200, max_records=50_000)
-            for tp, recs in batch.items():
-                part = latest[tp.partition]
-                for r in recs:
-                    key = r.key.decode("utf-8")
-                    if r.value is None:
-                        part.pop(key, None)
-                    else:
-                        part[key] = r.value
-            for tp in list(todo):
-                hw = consumer.highwater(tp)
-                if hw is not None and consumer.position(tp) >= hw:
-                    todo.discard(tp)
-        positions = {tp.partition: consumer.position(tp) for tp in tps}
+        consumer.assign([TopicPartition(topic, p, starts.get(p, OFFSET_BEGINNING)) for p in parts])
+        ends = drain(consumer, on_record, deadline_s=deadline_s, max_records=50_000)
     finally:
         consumer.close()
-    return latest, positions
+    if ends is None:
+        raise StateError(f"changelog restore of partitions {parts} timed out")
+    return latest, {p: ends[(topic, p)] for p in parts}

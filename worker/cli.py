@@ -224,7 +224,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
     doc = {"model_dir": str(path), "version": manifest["version"]}
     pub.send(_topics(args).control, key=b"model", value=json.dumps(doc).encode())
     pub.confirm()
-    pub.producer.close()
+    pub.close()
     print(json.dumps(doc))
     return 0
 

@@ -41,7 +41,7 @@ class KafkaSettings(BaseSettings):
     ssl_check_hostname: bool = Field(default=True, description="Verify the broker hostname.")
 
     def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments shared by every kafka-python client."""
+        """Keyword arguments shared by every kafka-python client (tools, admin, tests)."""
         kw: dict[str, Any] = {
             "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s],
             "security_protocol": self.security_protocol,
@@ -59,6 +59,34 @@ class KafkaSettings(BaseSettings):
                 if value is not None:
                     kw[key] = str(value)
         return kw
+
+    def rdkafka_config(self) -> dict[str, Any]:
+        """The same settings as librdkafka properties (the worker's confluent-kafka clients)."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": ",".join(
+                s.strip() for s in self.bootstrap_servers.split(",") if s.strip()
+            ),
+            "security.protocol": self.security_protocol,
+        }
+        if self.security_protocol.startswith("SASL"):
+            conf["sasl.mechanism"] = self.sasl_mechanism or "PLAIN"
+            if self.sasl_username is not None:
+                conf["sasl.username"] = self.sasl_username
+            if self.sasl_password is not None:
+                conf["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.security_protocol.endswith("SSL"):
+            conf["ssl.endpoint.identification.algorithm"] = (
+                "https" if self.ssl_check_hostname else "none"
+            )
+            for key, prop in (
+                ("ssl_cafile", "ssl.ca.location"),
+                ("ssl_certfile", "ssl.certificate.location"),
+                ("ssl_keyfile", "ssl.key.location"),
+            ):
+                value = getattr(self, key)
+                if value is not None:
+                    conf[prop] = str(value)
+        return conf
 
 
 class TopicSettings(BaseSettings):

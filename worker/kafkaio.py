@@ -1,6 +1,14 @@
 """Kafka I/O: client factories, topic creation, acknowledged publishing, dead letters.
 
-This module only wraps kafka-python; it knows nothing of state or models.
+It knows nothing of state or models. The worker's own clients (its consumers and
+every producer) are confluent-kafka, i.e. librdkafka: its network I/O runs in C
+threads, so a poll hands back what was prefetched without waiting for the
+interpreter lock, and a produce costs about a microsecond. At 1,000 events/s on
+two cores kafka-python's per-poll thread hand-offs and per-record Python cost
+were most of the worker's end-to-end latency (README, Performance). Tools that
+read a topic once (tail, the demo and replay readers) and topic administration
+use kafka-python.
+
 Deserializers stay raw bytes: decoding happens in the loop, so that a bad
 message can be dead-lettered instead of being retried forever.
 """
@@ -9,18 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import KafkaError as RdKafkaError
+from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
-from kafka.producer.future import FutureRecordMetadata
+from kafka.errors import TopicAlreadyExistsError
 
 from worker.config import KafkaSettings
 from worker.errors import BrokerError
 
 log = logging.getLogger(__name__)
+# librdkafka's own log lines go through Python logging instead of stderr.
+_RDKAFKA_LOG = logging.getLogger("refold.rdkafka")
 
 #: Header names on dead-letter records.
 DLQ_HEADERS = (
@@ -38,24 +50,133 @@ class PublishError(BrokerError):
     """A record was not acknowledged by the brokers."""
 
 
-def make_producer(kafka: KafkaSettings, **overrides: Any) -> KafkaProducer:
-    """A producer that waits for all in-sync replicas and sends raw bytes."""
-    kw: dict[str, Any] = {
-        **kafka.client_kwargs(),
+def make_producer(kafka: KafkaSettings, **overrides: Any) -> Producer:
+    """A producer that waits for all in-sync replicas and sends raw bytes.
+
+    ``overrides`` are librdkafka properties (``{"linger.ms": 20}`` is passed as
+    ``**{"linger.ms": 20}``).
+    """
+    conf: dict[str, Any] = {
+        **kafka.rdkafka_config(),
         "acks": "all",
-        # The loop flushes after queueing a whole batch, and flush() sends at once: a long
-        # linger only lets a batch's records share requests, it never delays them.
-        "linger_ms": 50,
-        "batch_size": 1024 * 1024,
-        "retries": 5,
-        "max_request_size": 4 * 1024 * 1024,
+        # Keys land where the Java clients and kafka-python put them (murmur2), so a user's
+        # events share a partition whichever client an app uses.
+        "partitioner": "murmur2_random",
+        # Publisher.confirm() flushes, and a flush sends at once: the linger only lets a
+        # batch's records share requests when the loop is not flushing.
+        "linger.ms": 5,
+        "message.timeout.ms": 60_000,
+        "logger": _RDKAFKA_LOG,
     }
-    kw.update(overrides)
-    return KafkaProducer(**kw)
+    conf.update(overrides)
+    return Producer(conf)
+
+
+def make_group_consumer(kafka: KafkaSettings, group: str, **overrides: Any) -> Consumer:
+    """A group member with manual commits and raw-bytes values (the worker's ratings consumer)."""
+    conf: dict[str, Any] = {
+        **kafka.rdkafka_config(),
+        "group.id": group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "on_commit": _log_commit_errors,
+        "logger": _RDKAFKA_LOG,
+    }
+    conf.update(overrides)
+    return Consumer(conf)
+
+
+def make_reader(kafka: KafkaSettings, **overrides: Any) -> Consumer:
+    """A consumer for ``assign()`` only: it never joins a group or commits.
+
+    librdkafka requires a ``group.id`` even then; this one is never used for a join.
+    Partition ends are reported (``enable.partition.eof``), see :func:`drain`.
+    """
+    conf: dict[str, Any] = {
+        **kafka.rdkafka_config(),
+        "group.id": "refold-reader-unused",
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "logger": _RDKAFKA_LOG,
+    }
+    conf.update(overrides)
+    return Consumer(conf)
+
+
+def poll_batch(consumer: Consumer, max_records: int, timeout_s: float) -> list[Message]:
+    """Records that are ready: wait up to ``timeout_s`` for one, then take what is queued.
+
+    (``consume(n, timeout)`` alone would wait the whole timeout for ``n`` records.)
+    Partition-end events are dropped; other client errors are logged, and a fatal one
+    raises :class:`BrokerError`.
+    """
+    first = consumer.poll(timeout_s)
+    if first is None:
+        return []
+    more = consumer.consume(max_records - 1, 0) if max_records > 1 else []
+    out: list[Message] = []
+    for m in (first, *more):
+        err = m.error()
+        if err is None:
+            out.append(m)
+        elif err.code() != RdKafkaError._PARTITION_EOF:
+            _raise_if_fatal(err)
+    return out
+
+
+def position(m: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed record (set on every record without error)."""
+    return m.topic() or "", m.partition() or 0, m.offset() or 0
+
+
+def drain(
+    consumer: Consumer,
+    on_record: Callable[[Message], None],
+    *,
+    deadline_s: float,
+    max_records: int = 10_000,
+) -> dict[tuple[str, int], int] | None:
+    """Read every assigned partition up to its end; ``on_record`` gets each record.
+
+    The end is the high watermark that a fetch reports (a partition-end event of a
+    :func:`make_reader` consumer), never a ListOffsets answer, which the embedded broker
+    gets wrong. Returns the next offset of each ``(topic, partition)``, or None if the
+    deadline passed first.
+    """
+    assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+    ended: dict[tuple[str, int], int] = {}
+    end = time.monotonic() + deadline_s
+    while not assigned <= ended.keys():
+        if time.monotonic() > end:
+            return None
+        first = consumer.poll(0.2)
+        if first is None:
+            continue
+        for m in (first, *consumer.consume(max_records, 0)):
+            err = m.error()
+            if err is None:
+                on_record(m)
+            elif err.code() == RdKafkaError._PARTITION_EOF:
+                topic, partition, offset = position(m)
+                ended[(topic, partition)] = offset
+            else:
+                _raise_if_fatal(err)
+    return ended
+
+
+def _raise_if_fatal(err: RdKafkaError) -> None:
+    if err.fatal():
+        raise BrokerError(f"Kafka client error: {err.str()}")
+    log.warning("Kafka client error: %s", err.str())
+
+
+def _log_commit_errors(err: RdKafkaError | None, partitions: list[Any]) -> None:
+    if err is not None and err.code() != RdKafkaError._NO_OFFSET:
+        log.warning("offset commit failed: %s", err.str())
 
 
 def make_consumer(kafka: KafkaSettings, **overrides: Any) -> KafkaConsumer:
-    """A consumer with manual commits and raw-bytes values."""
+    """A kafka-python consumer with manual commits and raw-bytes values (for tools)."""
     kw: dict[str, Any] = {
         **kafka.client_kwargs(),
         "enable_auto_commit": False,
@@ -63,6 +184,20 @@ def make_consumer(kafka: KafkaSettings, **overrides: Any) -> KafkaConsumer:
     }
     kw.update(overrides)
     return KafkaConsumer(**kw)
+
+
+def topic_partitions(
+    client: Producer | Consumer, topic: str, timeout_s: float = 10.0
+) -> int | None:
+    """Number of partitions of ``topic`` as the cluster metadata says, or None.
+
+    Asks for all topics: a metadata request naming a missing topic would create it on
+    brokers that auto-create topics.
+    """
+    md = client.list_topics(timeout=timeout_s).topics.get(topic)
+    if md is None or md.error is not None or not md.partitions:
+        return None
+    return len(md.partitions)
 
 
 def ensure_topics(
@@ -96,12 +231,6 @@ def ensure_topics(
         admin.close()
 
 
-def topic_partitions(consumer: KafkaConsumer, topic: str) -> int | None:
-    """Number of partitions of ``topic`` as the cluster metadata says, or None."""
-    parts = consumer.partitions_for_topic(topic)
-    return len(parts) if parts else None
-
-
 def dead_letter_headers(
     error_type: str, message: str, topic: str, partition: int, offset: int
 ) -> list[tuple[str, bytes]]:
@@ -116,12 +245,28 @@ def dead_letter_headers(
     ]
 
 
+class Ack(NamedTuple):
+    """Where the brokers stored an acknowledged record."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
 class Publisher:
     """Sends records and later verifies that every one of them was acknowledged."""
 
-    def __init__(self, producer: KafkaProducer) -> None:
+    def __init__(self, producer: Producer) -> None:
         self.producer = producer
-        self._pending: list[FutureRecordMetadata] = []
+        self._sent = 0
+        self._acked: list[Ack] = []
+        self._failed: list[str] = []
+
+    def _on_delivery(self, err: RdKafkaError | None, msg: Message) -> None:
+        if err is None:
+            self._acked.append(Ack(*position(msg)))
+        else:
+            self._failed.append(f"{msg.topic()}: {err.str()}")
 
     def send(
         self,
@@ -132,29 +277,37 @@ class Publisher:
         headers: list[tuple[str, bytes]] | None = None,
         partition: int | None = None,
     ) -> None:
-        self._pending.append(
-            self.producer.send(topic, key=key, value=value, headers=headers, partition=partition)
-        )
+        kw: dict[str, Any] = {"on_delivery": self._on_delivery}
+        if headers:
+            kw["headers"] = headers
+        if partition is not None:
+            kw["partition"] = partition
+        while True:
+            try:
+                self.producer.produce(topic, value, key, **kw)
+                break
+            except BufferError:
+                # The local queue is full: serve delivery reports until there is room.
+                self.producer.poll(0.1)
+        self._sent += 1
 
-    def confirm(self, timeout_s: float = 30.0) -> list[Any]:
+    def confirm(self, timeout_s: float = 30.0) -> list[Ack]:
         """Flush; raise :class:`PublishError` unless every pending record was acknowledged.
 
-        Returns the ``RecordMetadata`` (topic, partition, offset) of each record, in send order.
+        Returns where each record was stored, in acknowledgement order.
         """
-        pending, self._pending = self._pending, []
-        if not pending:
+        if not self._sent:
             return []
-        try:
-            self.producer.flush(timeout=timeout_s)
-        except KafkaError as exc:
-            raise PublishError(f"flush failed: {exc}") from exc
-        acked = []
-        for fut in pending:
-            try:
-                acked.append(fut.get(timeout=0))
-            except KafkaError as exc:
-                raise PublishError(f"record not acknowledged: {exc!r}") from exc
+        remaining = self.producer.flush(timeout_s)
+        acked, failed = self._acked, self._failed
+        self._sent, self._acked, self._failed = 0, [], []
+        if remaining:
+            raise PublishError(f"{remaining} records not acknowledged within {timeout_s}s")
+        if failed:
+            raise PublishError(f"{len(failed)} records not acknowledged: {failed[0]}")
         return acked
 
-    def discard(self) -> None:
-        self._pending = []
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Deliver what is queued (best effort), then close the producer."""
+        self.producer.flush(timeout_s)
+        self.producer.close()

@@ -28,8 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
-from kafka.structs import OffsetAndMetadata
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from worker.changelog import read_partitions, write_changes
 from worker.config import KafkaSettings, TopicSettings, WorkerSettings
@@ -41,9 +40,13 @@ from worker.errors import BrokerError, DecodeError
 from worker.kafkaio import (
     Publisher,
     dead_letter_headers,
+    drain,
     ensure_topics,
-    make_consumer,
+    make_group_consumer,
     make_producer,
+    make_reader,
+    poll_batch,
+    position,
     topic_partitions,
 )
 from worker.metrics import WorkerMetrics
@@ -58,7 +61,7 @@ _SNAPSHOT_AFTER_TAIL = 10_000
 # Seconds between two reads of the videos and control topics.
 _BROADCAST_EVERY_S = 0.2
 # Poll timeout when idle: short enough to notice SIGTERM and broadcasts promptly.
-_POLL_TIMEOUT_MS = 100
+_POLL_TIMEOUT_S = 0.1
 # A poll (beyond its own timeout) or a batch slower than this is logged as a warning.
 _SLOW_TURN_S = 0.25
 
@@ -72,17 +75,6 @@ def install_stop_handlers(stopping: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.worker.on_revoked({tp.partition for tp in revoked})
-
-    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.worker.on_assigned({tp.partition for tp in assigned})
 
 
 class Worker:
@@ -117,7 +109,8 @@ class Worker:
         self._dirty: set[int] = set()  # partitions changed since their last snapshot
         self._preloaded: dict[int, Snapshot] = {}
         self._preloader: threading.Thread | None = None
-        self._uncommitted: dict[TopicPartition, OffsetAndMetadata] = {}
+        # (topic, partition) -> next offset, consumed and acknowledged but maybe not committed
+        self._uncommitted: dict[tuple[str, int], int] = {}
         self._pending_model: Model | None = None
         self._loading: threading.Thread | None = None
         self._model_source: str | None = None
@@ -136,12 +129,11 @@ class Worker:
 
     def _setup(self) -> None:
         t = self.topics
-        probe = make_consumer(self.kafka, group_id=None)
-        try:
-            existing = topic_partitions(probe, t.ratings)
-        finally:
-            probe.close()
-        n = existing or self.settings.create_topics_partitions
+        self.producer = make_producer(
+            self.kafka, **{"client.id": f"{self.settings.client_id}-producer"}
+        )
+        self.publisher = Publisher(self.producer)
+        n = topic_partitions(self.producer, t.ratings) or self.settings.create_topics_partitions
         ensure_topics(
             self.kafka,
             {
@@ -154,40 +146,46 @@ class Worker:
             },
             compacted={t.changelog, t.videos, t.control},
         )
-        self.producer = make_producer(self.kafka, client_id=f"{self.settings.client_id}-producer")
-        self.publisher = Publisher(self.producer)
-        self.consumer: KafkaConsumer = make_consumer(
-            self.kafka,
-            group_id=self.settings.group,
-            client_id=self.settings.client_id,
-            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
-            max_poll_records=self.settings.max_poll_records,
-            session_timeout_ms=self.settings.session_timeout_ms,
-            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
-            max_poll_interval_ms=300_000,
-            group_instance_id=self.settings.group_instance_id,
-        )
+        group_conf: dict[str, Any] = {
+            "client.id": self.settings.client_id,
+            "fetch.wait.max.ms": self.settings.fetch_max_wait_ms,
+            "session.timeout.ms": self.settings.session_timeout_ms,
+            "heartbeat.interval.ms": self.settings.heartbeat_interval_ms,
+            "max.poll.interval.ms": 300_000,
+        }
+        if self.settings.group_instance_id:
+            group_conf["group.instance.id"] = self.settings.group_instance_id
+        self.consumer: Consumer = make_group_consumer(self.kafka, self.settings.group, **group_conf)
         # Every worker needs every video and every model announcement: a group-less
-        # consumer reads both topics in full.
-        self.broadcast: KafkaConsumer = make_consumer(
-            self.kafka, group_id=None, fetch_max_wait_ms=self.settings.fetch_max_wait_ms
+        # reader assigns both topics in full.
+        self.broadcast: Consumer = make_reader(
+            self.kafka,
+            **{
+                "client.id": f"{self.settings.client_id}-broadcast",
+                "fetch.wait.max.ms": self.settings.fetch_max_wait_ms,
+            },
         )
-        tps = [
-            TopicPartition(topic, p)
-            for topic in (t.videos, t.control)
-            for p in sorted(self.broadcast.partitions_for_topic(topic) or {0})
-        ]
-        self.broadcast.assign(tps)
-        self.broadcast.seek_to_beginning(*tps)
+        self.broadcast.assign(
+            [
+                TopicPartition(topic, p, OFFSET_BEGINNING)
+                for topic in (t.videos, t.control)
+                for p in range(topic_partitions(self.broadcast, topic) or 1)
+            ]
+        )
         self._drain_broadcast(until_caught_up=True)
         # Know the ratings topic's partitions before joining: a group leader that joins
         # without them assigns nothing and only notices at the next metadata refresh.
         deadline = time.monotonic() + 60.0
-        while not self.consumer.partitions_for_topic(t.ratings):
+        while not topic_partitions(self.consumer, t.ratings):
             if time.monotonic() > deadline:
                 raise BrokerError(f"no metadata for topic {t.ratings} after 60s")
             time.sleep(0.1)  # metadata of a just-created topic propagates asynchronously
-        self.consumer.subscribe([t.ratings], listener=_Rebalance(self))
+        self.consumer.subscribe(
+            [t.ratings],
+            on_assign=lambda c, tps: self.on_assigned({tp.partition for tp in tps}),
+            on_revoke=lambda c, tps: self.on_revoked({tp.partition for tp in tps}),
+            on_lost=lambda c, tps: self.on_revoked({tp.partition for tp in tps}),
+        )
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code."""
@@ -216,9 +214,7 @@ class Worker:
                     next_broadcast = time.monotonic() + _BROADCAST_EVERY_S
                 self._maybe_swap()
                 polled = time.monotonic()
-                batch = self.consumer.poll(
-                    timeout_ms=_POLL_TIMEOUT_MS, max_records=self.settings.max_poll_records
-                )
+                batch = poll_batch(self.consumer, self.settings.max_poll_records, _POLL_TIMEOUT_S)
                 started = time.monotonic()
                 if batch:
                     self.process(batch)
@@ -230,26 +226,29 @@ class Worker:
             self._close()
         return 0
 
-    def _warn_if_slow(
-        self, batch: dict[TopicPartition, list[Any]], poll_s: float, process_s: float
-    ) -> None:
+    def _warn_if_slow(self, batch: list[Message], poll_s: float, process_s: float) -> None:
         """Log a loop turn slow enough to show in end-to-end latency (for operators)."""
-        if poll_s > _SLOW_TURN_S + _POLL_TIMEOUT_MS / 1000.0 or process_s > _SLOW_TURN_S:
+        if poll_s > _SLOW_TURN_S + _POLL_TIMEOUT_S or process_s > _SLOW_TURN_S:
             log.warning(
                 "slow loop turn: poll %.0f ms, %d records processed in %.0f ms",
                 poll_s * 1000.0,
-                sum(len(r) for r in batch.values()),
+                len(batch),
                 process_s * 1000.0,
             )
 
     def _close(self) -> None:
-        owned = {tp: om for tp, om in self._uncommitted.items() if tp.partition in self.owned}
-        for closer in (
-            lambda: self.consumer.commit(owned) if owned else None,
-            lambda: self.consumer.close(autocommit=False),
-            lambda: self.broadcast.close(),
-            lambda: self.producer.close(timeout=10),
-        ):
+        owned = [
+            TopicPartition(topic, p, offset)
+            for (topic, p), offset in self._uncommitted.items()
+            if p in self.owned
+        ]
+        closers: list[Callable[[], object]] = [
+            lambda: self.consumer.commit(offsets=owned, asynchronous=False) if owned else None,
+            self.consumer.close,
+            self.broadcast.close,
+            lambda: self.publisher.close(timeout_s=10),
+        ]
+        for closer in closers:
             try:
                 closer()
             except Exception:  # closing after a failure must not hide the original error
@@ -258,41 +257,34 @@ class Worker:
     # ---- broadcast topics ----------------------------------------------------------------
 
     def _drain_broadcast(self, *, until_caught_up: bool) -> None:
-        deadline = time.monotonic() + 60.0
-        while True:
-            batch = self.broadcast.poll(timeout_ms=50 if until_caught_up else 0)
-            for tp, records in batch.items():
-                for r in records:
-                    if tp.topic == self.topics.videos:
-                        self._on_video(r)
-                    else:
-                        self._on_control(r)
-            if not until_caught_up:
-                return
-            assigned = self.broadcast.assignment()
-            done = all(
-                (hw := self.broadcast.highwater(tp)) is not None
-                and self.broadcast.position(tp) >= hw
-                for tp in assigned
-            )
-            if done or time.monotonic() > deadline:
-                return
+        def on_record(r: Message) -> None:
+            if r.topic() == self.topics.videos:
+                self._on_video(r)
+            else:
+                self._on_control(r)
 
-    def _on_video(self, r: Any) -> None:
+        if until_caught_up:
+            if not drain(self.broadcast, on_record, deadline_s=60.0):
+                log.warning("videos/control topics not caught up after 60s; going on")
+        else:
+            for r in poll_batch(self.broadcast, 10_000, 0):
+                on_record(r)
+
+    def _on_video(self, r: Message) -> None:
         try:
-            video = decode_video(r.value)
+            video = decode_video(r.value())
         except DecodeError as exc:
             self._dead_letter(r, exc.reason, exc.message)
             return
         self.engine.register_video(video)
         self.metrics.videos_in.inc()
 
-    def _on_control(self, r: Any) -> None:
+    def _on_control(self, r: Message) -> None:
         try:
-            doc = json.loads(r.value)
+            doc = json.loads(r.value() or b"")
             path = str(doc["model_dir"])
         except (ValueError, KeyError, TypeError) as exc:
-            log.error("ignoring malformed model announcement at offset %s: %s", r.offset, exc)
+            log.error("ignoring malformed model announcement at offset %s: %s", r.offset(), exc)
             return
         self.request_model(path)
 
@@ -433,38 +425,37 @@ class Worker:
 
     # ---- one batch -----------------------------------------------------------------------
 
-    def _dead_letter(self, r: Any, reason: str, message: str) -> None:
+    def _dead_letter(self, r: Message, reason: str, message: str) -> None:
         self.publisher.send(
             self.topics.dlq,
-            key=r.key,
-            value=r.value,
-            headers=dead_letter_headers(reason, message, r.topic, r.partition, r.offset),
+            key=r.key(),
+            value=r.value(),
+            headers=dead_letter_headers(reason, message, *position(r)),
         )
         self.metrics.dead_letters.labels(reason).inc()
 
-    def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+    def process(self, batch: list[Message]) -> None:
         """Handle one polled batch end to end, then commit its offsets."""
         started = time.monotonic()
         ratings: list[tuple[RatingEvent, Source]] = []
         kafka_ts: dict[str, int] = {}
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        n = 0
-        for tp, records in batch.items():
-            for r in records:
-                n += 1
-                try:
-                    event = decode_rating(r.value)
-                except DecodeError as exc:
-                    self._dead_letter(r, exc.reason, exc.message)
-                    continue
-                if r.key is not None and r.key != event.user_id.encode("utf-8"):
-                    # A wrong key would put the user's events on another worker's partition.
-                    self._dead_letter(r, "key_mismatch", "message key differs from user_id")
-                    continue
-                ratings.append((event, Source(tp.topic, tp.partition, r.offset)))
-                kafka_ts[event.user_id] = r.timestamp
-            offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
-        self.metrics.batch_size.observe(n)
+        offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
+        for r in batch:
+            topic, partition, offset = position(r)
+            offsets[topic, partition] = offset + 1
+            value, key = r.value(), r.key()
+            try:
+                event = decode_rating(value)
+            except DecodeError as exc:
+                self._dead_letter(r, exc.reason, exc.message)
+                continue
+            if key is not None and key != event.user_id.encode("utf-8"):
+                # A wrong key would put the user's events on another worker's partition.
+                self._dead_letter(r, "key_mismatch", "message key differs from user_id")
+                continue
+            ratings.append((event, Source(topic, partition, offset)))
+            kafka_ts[event.user_id] = r.timestamp()[1]
+        self.metrics.batch_size.observe(len(batch))
         self.metrics.events_in.inc(len(ratings))
 
         t0 = time.monotonic()
@@ -480,10 +471,10 @@ class Worker:
                 self.publisher, self.topics.changelog, self.engine, outcome.changed_users
             )
         # One flush for lists, dead letters and state: all acknowledged before the commit.
-        for meta in self.publisher.confirm():
-            if meta.topic == self.topics.changelog:
-                nxt = self.changelog_next.get(meta.partition, 0)
-                self.changelog_next[meta.partition] = max(nxt, meta.offset + 1)
+        for ack in self.publisher.confirm():
+            if ack.topic == self.topics.changelog:
+                nxt = self.changelog_next.get(ack.partition, 0)
+                self.changelog_next[ack.partition] = max(nxt, ack.offset + 1)
         acked_ms = time.time() * 1000.0
         for rec in outcome.recommendations:
             self.metrics.lists_out.labels(rec.strategy).inc()
@@ -496,7 +487,10 @@ class Worker:
         # Asynchronous: the changelog already records each user's source offset, so a
         # commit that is lost only makes a restart skip events it re-reads. The last
         # offsets are committed synchronously on shutdown.
-        self.consumer.commit_async(offsets)
+        self.consumer.commit(
+            offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+            asynchronous=True,
+        )
         self._uncommitted.update(offsets)
         self.metrics.events_applied.inc(outcome.applied)
         self.metrics.duplicates.inc(outcome.duplicates)
@@ -504,9 +498,10 @@ class Worker:
         self.metrics.users.set(len(self.engine.users))
         self.metrics.batch_seconds.observe(time.monotonic() - started)
         lag = 0
-        for tp in offsets:
-            hw = self.consumer.highwater(tp)
-            if hw is not None:
-                lag += max(0, hw - offsets[tp].offset)
+        for (t, p), nxt in offsets.items():
+            # The high watermark of the last fetch response (no request is sent).
+            _, hw = self.consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)
+            if hw >= 0:
+                lag += max(0, hw - nxt)
         self.metrics.lag.set(lag)
         self.batches += 1

@@ -33,7 +33,7 @@ class RatingProducer:
         bootstrap_servers: str | None = None,
         kafka: KafkaSettings | None = None,
         topics: TopicSettings | None = None,
-        **producer_overrides: Any,
+        **producer_overrides: Any,  # librdkafka properties, e.g. **{"linger.ms": 20}
     ) -> None:
         if kafka is None:
             kafka = (
@@ -101,7 +101,7 @@ class RatingProducer:
 
     def close(self) -> None:
         self.flush()
-        self.publisher.producer.close(timeout=10)
+        self.publisher.close(timeout_s=10)
 
     def __enter__(self) -> RatingProducer:
         return self

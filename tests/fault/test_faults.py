@@ -139,7 +139,7 @@ def test_model_swap_mid_stream(broker, tmp_path, topics, producer):
             topics.settings.control, key=b"model", value=json.dumps({"model_dir": str(d2)}).encode()
         )
         pub.confirm()
-        pub.producer.close()
+        pub.close()
 
         # Keep the stream flowing until lists carry the new version, then send the rest.
         def swapped(records) -> bool:

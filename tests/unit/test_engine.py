@@ -8,7 +8,6 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pytest
-from kafka import TopicPartition
 
 from tests.kit import make_model
 from worker.config import KafkaSettings, TopicSettings, WorkerSettings
@@ -261,26 +260,40 @@ class FakeConsumer:
         self.log = log
         self.committed = None
 
-    def commit_async(self, offsets):
-        self.committed = offsets
+    def commit(self, offsets, asynchronous):
+        self.committed = {(tp.topic, tp.partition): tp.offset for tp in offsets}
         self.log.append("commit")
 
-    def highwater(self, tp):
-        return None
+    def get_watermark_offsets(self, tp, cached):
+        return -1, -1
 
 
 class Rec:
-    def __init__(
-        self, offset: int, value: bytes, key: bytes | None, topic: str = "ratings"
-    ) -> None:
-        self.offset, self.value, self.key, self.topic, self.partition, self.timestamp = (
-            offset,
-            value,
-            key,
-            topic,
-            0,
-            0,
-        )
+    """A consumed record with confluent-kafka's accessors."""
+
+    def __init__(self, offset: int, value: bytes, key: bytes | None) -> None:
+        self._offset, self._value, self._key = offset, value, key
+
+    def topic(self):
+        return "ratings"
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+    def key(self):
+        return self._key
+
+    def value(self):
+        return self._value
+
+    def timestamp(self):
+        return 1, 0
+
+    def error(self):
+        return None
 
 
 def test_loop_checkpoint_order_and_dead_letters():
@@ -293,21 +306,15 @@ def test_loop_checkpoint_order_and_dead_letters():
     w.publisher = FakePublisher(log)  # type: ignore[assignment]
     w.consumer = FakeConsumer(log)  # type: ignore[assignment]
     good = ev("g1", "u1", "v1").model_dump_json().encode()
-    batch = {
-        TopicPartition("ratings", 0): [
-            Rec(10, b"garbage", b"u1"),
-            Rec(11, good, b"u1"),
-            Rec(12, good, b"someone-else"),
-        ]
-    }
-    w.process(batch)
+    batch = [Rec(10, b"garbage", b"u1"), Rec(11, good, b"u1"), Rec(12, good, b"someone-else")]
+    w.process(batch)  # type: ignore[arg-type]
     topics = [t for t, *_ in w.publisher.sent]
     assert topics.count("ratings.dlq") == 2
     # lists, dead letters and state queued -> one confirm -> commit
     assert log.index("send:recommendations") < log.index("confirm")
     assert log.index("send:refold.state-changelog") < log.index("confirm")
     assert log.count("confirm") == 1 and log[-1] == "commit" and log[-2] == "confirm"
-    assert w.consumer.committed[TopicPartition("ratings", 0)].offset == 13
+    assert w.consumer.committed == {("ratings", 0): 13}
     rec = next(v for t, _, v, _ in w.publisher.sent if t == "recommendations")
     assert decode_recommendations(rec).event_ids == ["g1"]
     headers = [dict(h) for t, _, _, h in w.publisher.sent if t == "ratings.dlq"]

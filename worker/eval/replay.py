@@ -1057,7 +1057,7 @@ class LiveWorker:
         """Stop the worker (SIGTERM, a graceful exit), the collector, the producer, the broker."""
         if self.producer is not None:
             with contextlib.suppress(Exception):
-                self.producer.producer.close(timeout=_CLOSE_S)
+                self.producer.close(timeout_s=_CLOSE_S)
             self.producer = None
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGTERM)
