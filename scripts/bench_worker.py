@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
+from kafka import KafkaConsumer, KafkaProducer  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from worker.brokers.tansu import TansuBroker  # noqa: E402
@@ -89,17 +89,23 @@ def event_bytes(eid: str, user: str, video: str, watch: float) -> bytes:
 
 def _read_lists(bootstrap: str, topic: str, conn: Connection) -> None:
     """Reader process: the arrival time of every event id reflected in a list."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        fetch_max_wait_ms=5,
-        auto_offset_reset="earliest",
+    from confluent_kafka import OFFSET_BEGINNING, Consumer
+    from confluent_kafka import TopicPartition as Partition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "bench-reader-unused",  # assign() only: no join, no commits
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 5,
+        }
     )
-    while not consumer.partitions_for_topic(topic):
+    while True:
+        md = consumer.list_topics(timeout=10).topics.get(topic)
+        if md is not None and md.partitions:
+            break
         time.sleep(0.05)  # topic not created yet
-    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
+    consumer.assign([Partition(topic, p, OFFSET_BEGINNING) for p in md.partitions])
     seen: dict[str, float] = {}
     first, last = 0.0, 0.0
     while True:
@@ -111,13 +117,17 @@ def _read_lists(bootstrap: str, topic: str, conn: Connection) -> None:
                 conn.send(len(seen) if not arg else sum(1 for e in seen if e.startswith(arg)))
             else:
                 conn.send(seen.get(arg))
-        for recs in consumer.poll(timeout_ms=50).values():
-            now = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
-            for r in recs:
-                for e in json.loads(r.value)["event_ids"]:
-                    seen.setdefault(e, now)
-                first = first or now
-                last = now
+        m = consumer.poll(0.05)
+        if m is None:
+            continue
+        now = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+        for r in (m, *consumer.consume(10_000, 0)):
+            if r.error() is not None:
+                continue
+            for e in json.loads(r.value())["event_ids"]:
+                seen.setdefault(e, now)
+            first = first or now
+            last = now
     consumer.close()
     conn.send((seen, first, last))
 
@@ -239,6 +249,20 @@ def throughput(bootstrap: str, model_dir: Path, events, durable: bool = True) ->
     return (len(events) - first_batch) / (reader.last - reader.first)
 
 
+def app_producer(bootstrap: str, linger_ms: int) -> Any:
+    """An app's producer: librdkafka (what most apps use, through it or the Java client)."""
+    from confluent_kafka import Producer
+
+    return Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": linger_ms,
+            "acks": 1,
+            "partitioner": "murmur2_random",  # the Java clients' and kafka-python's choice
+        }
+    )
+
+
 def latency(
     bootstrap: str, model_dir: Path, events, rate: float, linger_ms: int = 5
 ) -> dict[str, float]:
@@ -246,13 +270,12 @@ def latency(
     reader = ListReader(bootstrap, f"{prefix}.recs")
     reader.start()
     proc = run_worker(bootstrap, model_dir, prefix, durable=True)
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, acks=1)
+    producer = app_producer(bootstrap, linger_ms)
+    topic = f"{prefix}.ratings"
     try:
         # Warm up: the group join and the first fetches are not steady state.
-        producer.send(
-            f"{prefix}.ratings", key=b"warm", value=event_bytes("warm", "warm", events[0][2], 1.0)
-        )
-        producer.flush()
+        producer.produce(topic, event_bytes("warm", "warm", events[0][2], 1.0), b"warm")
+        producer.flush(30)
         wait(lambda: reader.progress() >= 1, 120, "warm-up list")
         sent: dict[str, float] = {}
         start = time.perf_counter()
@@ -261,14 +284,13 @@ def latency(
             if delay > 0:
                 time.sleep(delay)
             sent[eid] = time.perf_counter()
-            producer.send(
-                f"{prefix}.ratings", key=user.encode(), value=event_bytes(eid, user, video, watch)
-            )
-        producer.flush()
+            producer.produce(topic, event_bytes(eid, user, video, watch), user.encode())
+            producer.poll(0)  # serve delivery reports
+        if producer.flush(60):
+            raise RuntimeError("the load generator's events were not all acknowledged")
         offered = len(events) / (time.perf_counter() - start)
         wait(lambda: reader.progress() >= len(sent) + 1, 120, "latency events")
     finally:
-        producer.close()
         stop_worker(proc)
         reader.stop()
     lat = np.array([(reader.seen[e] - t) * 1000.0 for e, t in sent.items()])

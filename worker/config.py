@@ -136,6 +136,12 @@ class WorkerSettings(BaseSettings):
     # Tansu joins a group in about session_timeout/2; Apache Kafka's minimum is 6 s.
     session_timeout_ms: int = Field(default=6000, ge=1000, description="Group session timeout.")
     heartbeat_interval_ms: int = Field(default=1000, ge=100, description="Group heartbeat.")
+    commit_interval_ms: int = Field(
+        default=200,
+        ge=0,
+        description="Least time between two offset commits (only acknowledged batches are "
+        "committed); 0 commits after every batch.",
+    )
     durable: bool = Field(
         default=True, description="Write the per-user state changelog and restore from it."
     )

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 _SNAPSHOT_AFTER_TAIL = 10_000
 # Seconds between two reads of the videos and control topics.
 _BROADCAST_EVERY_S = 0.2
+_BROADCAST_FETCH_WAIT_MS = 100
 # Poll timeout when idle: short enough to notice SIGTERM and broadcasts promptly.
 _POLL_TIMEOUT_S = 0.1
 # A poll (beyond its own timeout) or a batch slower than this is logged as a warning.
@@ -109,8 +110,9 @@ class Worker:
         self._dirty: set[int] = set()  # partitions changed since their last snapshot
         self._preloaded: dict[int, Snapshot] = {}
         self._preloader: threading.Thread | None = None
-        # (topic, partition) -> next offset, consumed and acknowledged but maybe not committed
+        # (topic, partition) -> next offset: processed and acknowledged, not committed yet
         self._uncommitted: dict[tuple[str, int], int] = {}
+        self._next_commit = 0.0
         self._pending_model: Model | None = None
         self._loading: threading.Thread | None = None
         self._model_source: str | None = None
@@ -162,7 +164,10 @@ class Worker:
             self.kafka,
             **{
                 "client.id": f"{self.settings.client_id}-broadcast",
-                "fetch.wait.max.ms": self.settings.fetch_max_wait_ms,
+                # librdkafka keeps fetching assigned partitions in the background; on the
+                # embedded broker every fetch costs CPU that grows with the partition, and
+                # these topics are only read every _BROADCAST_EVERY_S anyway.
+                "fetch.wait.max.ms": max(self.settings.fetch_max_wait_ms, _BROADCAST_FETCH_WAIT_MS),
             },
         )
         self.broadcast.assign(
@@ -219,6 +224,7 @@ class Worker:
                 if batch:
                     self.process(batch)
                 self._warn_if_slow(batch, started - polled, time.monotonic() - started)
+                self._commit(force=False)
                 if time.monotonic() - self._last_snapshot > self.settings.snapshot_interval_s:
                     self._snapshot(set(self.owned))
             self._snapshot(set(self.owned))
@@ -236,14 +242,38 @@ class Worker:
                 process_s * 1000.0,
             )
 
-    def _close(self) -> None:
-        owned = [
+    def _commit(self, *, force: bool, partitions: set[int] | None = None) -> None:
+        """Commit the acknowledged offsets, at most every ``commit_interval_ms`` unless forced.
+
+        Asynchronous in the loop: the changelog records each user's source offset, so a
+        commit that is late or lost only makes a restart re-read events, which are then
+        no-ops that republish the user's list. Synchronous on revocation and shutdown.
+        """
+        now = time.monotonic()
+        if not self._uncommitted or (not force and now < self._next_commit):
+            return
+        chosen = self.owned if partitions is None else partitions & self.owned
+        offsets = [
             TopicPartition(topic, p, offset)
             for (topic, p), offset in self._uncommitted.items()
-            if p in self.owned
+            if p in chosen
         ]
+        # Offsets of partitions this worker no longer owns are dropped: the new owner
+        # commits its own.
+        self._uncommitted = {
+            tp: o
+            for tp, o in self._uncommitted.items()
+            if partitions is not None and tp[1] not in partitions and tp[1] in self.owned
+        }
+        self._next_commit = now + self.settings.commit_interval_ms / 1000.0
+        if offsets and force:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        elif offsets:
+            self.consumer.commit(offsets=offsets, asynchronous=True)
+
+    def _close(self) -> None:
         closers: list[Callable[[], object]] = [
-            lambda: self.consumer.commit(offsets=owned, asynchronous=False) if owned else None,
+            lambda: self._commit(force=True),
             self.consumer.close,
             self.broadcast.close,
             lambda: self.publisher.close(timeout_s=10),
@@ -323,6 +353,10 @@ class Worker:
     # ---- rebalance -----------------------------------------------------------------------
 
     def on_revoked(self, partitions: set[int]) -> None:
+        try:
+            self._commit(force=True, partitions=partitions)
+        except Exception:  # the group may already have moved on; a replay is harmless
+            log.exception("offset commit on revocation failed")
         self._snapshot(partitions & self.owned)
         gone = [u for u, st in self.engine.users.items() if st.partition in partitions]
         for p in partitions:
@@ -484,14 +518,9 @@ class Worker:
         for user_id, (p, raw) in written.items():
             self.records.setdefault(p, {})[user_id] = raw
             self._dirty.add(p)
-        # Asynchronous: the changelog already records each user's source offset, so a
-        # commit that is lost only makes a restart skip events it re-reads. The last
-        # offsets are committed synchronously on shutdown.
-        self.consumer.commit(
-            offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-            asynchronous=True,
-        )
+        # Offsets are committed only now, after every record above was acknowledged.
         self._uncommitted.update(offsets)
+        self._commit(force=False)
         self.metrics.events_applied.inc(outcome.applied)
         self.metrics.duplicates.inc(outcome.duplicates)
         self.metrics.replayed.inc(outcome.replayed)

@@ -262,7 +262,7 @@ class FakeConsumer:
 
     def commit(self, offsets, asynchronous):
         self.committed = {(tp.topic, tp.partition): tp.offset for tp in offsets}
-        self.log.append("commit")
+        self.log.append("commit" if asynchronous else "commit-sync")
 
     def get_watermark_offsets(self, tp, cached):
         return -1, -1
@@ -305,6 +305,7 @@ def test_loop_checkpoint_order_and_dead_letters():
     )
     w.publisher = FakePublisher(log)  # type: ignore[assignment]
     w.consumer = FakeConsumer(log)  # type: ignore[assignment]
+    w.owned = {0}
     good = ev("g1", "u1", "v1").model_dump_json().encode()
     batch = [Rec(10, b"garbage", b"u1"), Rec(11, good, b"u1"), Rec(12, good, b"someone-else")]
     w.process(batch)  # type: ignore[arg-type]
@@ -319,6 +320,32 @@ def test_loop_checkpoint_order_and_dead_letters():
     assert decode_recommendations(rec).event_ids == ["g1"]
     headers = [dict(h) for t, _, _, h in w.publisher.sent if t == "ratings.dlq"]
     assert {h["refold.error.type"] for h in headers} == {b"invalid_json", b"key_mismatch"}
+
+
+def test_offsets_are_committed_at_most_once_per_interval_and_on_revocation():
+    from worker.loop import Worker
+
+    log: list[str] = []
+    w = Worker(
+        settings=WorkerSettings(commit_interval_ms=60_000, durable=False),
+        kafka=KafkaSettings(),
+        topics=TopicSettings(),
+        model=make_model(),
+    )
+    w.publisher = FakePublisher(log)  # type: ignore[assignment]
+    w.consumer = FakeConsumer(log)  # type: ignore[assignment]
+    w.owned = {0}
+    good = [ev(f"g{i}", "u1", "v1").model_dump_json().encode() for i in range(3)]
+    w.process([Rec(0, good[0], b"u1")])  # type: ignore[list-item]
+    assert log.count("commit") == 1 and w.consumer.committed == {("ratings", 0): 1}
+    w.process([Rec(1, good[1], b"u1")])  # type: ignore[list-item]
+    w.process([Rec(2, good[2], b"u1")])  # type: ignore[list-item]
+    assert log.count("commit") == 1, "a second commit inside the interval"
+    assert log.count("confirm") == 3, "every batch is still acknowledged before the next"
+    w.on_revoked({0})  # a rebalance: what was acknowledged is committed before it happens
+    assert log[-1] == "commit-sync" and w.consumer.committed == {("ratings", 0): 3}
+    w._commit(force=True)
+    assert log.count("commit-sync") == 1, "nothing left to commit for a revoked partition"
 
 
 def test_videos_without_training_interactions_start_from_their_content_prior():
