@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
-from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import Consumer, KafkaException, Message, Producer
 from confluent_kafka import KafkaError as RdKafkaError
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import NewTopic
@@ -194,7 +194,10 @@ def topic_partitions(
     Asks for all topics: a metadata request naming a missing topic would create it on
     brokers that auto-create topics.
     """
-    md = client.list_topics(timeout=timeout_s).topics.get(topic)
+    try:
+        md = client.list_topics(timeout=timeout_s).topics.get(topic)
+    except KafkaException as exc:
+        raise BrokerError(f"no cluster metadata within {timeout_s}s: {exc}") from exc
     if md is None or md.error is not None or not md.partitions:
         return None
     return len(md.partitions)

@@ -294,7 +294,7 @@ class Worker:
                 self._on_control(r)
 
         if until_caught_up:
-            if not drain(self.broadcast, on_record, deadline_s=60.0):
+            if drain(self.broadcast, on_record, deadline_s=60.0) is None:
                 log.warning("videos/control topics not caught up after 60s; going on")
         else:
             for r in poll_batch(self.broadcast, 10_000, 0):
