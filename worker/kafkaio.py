@@ -96,6 +96,9 @@ def make_reader(kafka: KafkaSettings, **overrides: Any) -> Consumer:
         **kafka.rdkafka_config(),
         "group.id": "refold-reader-unused",
         "enable.auto.commit": False,
+        # A start offset that no longer exists (a snapshot of a recreated topic) reads
+        # from the beginning rather than skipping to the end.
+        "auto.offset.reset": "earliest",
         "enable.partition.eof": True,
         "logger": _RDKAFKA_LOG,
     }

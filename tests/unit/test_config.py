@@ -53,3 +53,27 @@ def test_security_settings_pass_through(tmp_path):
     assert kw["ssl_cafile"] == str(ca)
     assert "s3cret" not in repr(k)  # secrets never print
     assert "sasl_mechanism" not in KafkaSettings().client_kwargs()
+
+
+def test_security_settings_reach_librdkafka(tmp_path):
+    from confluent_kafka import Producer
+
+    ca = tmp_path / "ca.pem"
+    k = KafkaSettings(
+        bootstrap_servers="b1:9093, b2:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="refold",
+        sasl_password="s3cret",
+        ssl_cafile=ca,
+        ssl_check_hostname=False,
+    )
+    conf = k.rdkafka_config()
+    assert conf["bootstrap.servers"] == "b1:9093,b2:9093"
+    assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert conf["sasl.username"] == "refold" and conf["sasl.password"] == "s3cret"
+    assert conf["ssl.ca.location"] == str(ca)
+    assert conf["ssl.endpoint.identification.algorithm"] == "none"
+    plain = KafkaSettings().rdkafka_config()
+    assert set(plain) == {"bootstrap.servers", "security.protocol"}
+    Producer(plain).flush(0)  # librdkafka accepts every property name it is given
