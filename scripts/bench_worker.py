@@ -11,14 +11,15 @@ Measured in the same run:
    worker process drains them; the rate is events reflected in lists over the
    time between the first and last list;
 2. end-to-end latency p50/p95/p99 over 10 s at an offered 1,000 events/s (a
-   longer run measures the embedded broker more than the worker: its request
-   latency grows with the number of record batches in a partition): from the app's
-   ``send()`` of each event to the arrival of the list that reflects it at a
-   consumer (both on CLOCK_MONOTONIC). The app producer lingers 5 ms, the
-   default of the Apache Kafka 4 clients and of librdkafka (``--app-linger-ms``;
-   kafka-python's default of 0 costs the load generator most of a core at
-   1,000 sends/s on this shared 2-core machine); the linger counts in the
-   latency. The list reader runs in a process of its own;
+   longer run measures the embedded broker more than the worker: its fetches
+   get dearer with every record batch in a partition, so the JSON line also
+   gives the p99 of the first and of the last second): from the app's
+   ``produce()`` of each event to the arrival of the list that reflects it at
+   a consumer (both on CLOCK_MONOTONIC). The app producer and the list reader
+   are librdkafka clients, as most apps' are; the producer lingers 5 ms, the
+   default of librdkafka and of the Apache Kafka 4 clients
+   (``--app-linger-ms``), and the linger counts in the latency. The list
+   reader runs in a process of its own;
 3. the naive loop: per event, implicit ``recommend(..., recalculate_user=True)``
    on the user's updated row, then produce the list, the same Kafka in and out.
 
