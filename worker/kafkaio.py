@@ -50,14 +50,20 @@ class PublishError(BrokerError):
     """A record was not acknowledged by the brokers."""
 
 
+def _rdkafka_conf(
+    kafka: KafkaSettings, own: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """Connection settings, then a factory's own properties, then the caller's overrides."""
+    return {**kafka.rdkafka_config(), "logger": _RDKAFKA_LOG, **own, **overrides}
+
+
 def make_producer(kafka: KafkaSettings, **overrides: Any) -> Producer:
     """A producer that waits for all in-sync replicas and sends raw bytes.
 
     ``overrides`` are librdkafka properties (``{"linger.ms": 20}`` is passed as
     ``**{"linger.ms": 20}``).
     """
-    conf: dict[str, Any] = {
-        **kafka.rdkafka_config(),
+    own: dict[str, Any] = {
         "acks": "all",
         # Keys land where the Java clients and kafka-python put them (murmur2), so a user's
         # events share a partition whichever client an app uses.
@@ -66,24 +72,19 @@ def make_producer(kafka: KafkaSettings, **overrides: Any) -> Producer:
         # batch's records share requests when the loop is not flushing.
         "linger.ms": 5,
         "message.timeout.ms": 60_000,
-        "logger": _RDKAFKA_LOG,
     }
-    conf.update(overrides)
-    return Producer(conf)
+    return Producer(_rdkafka_conf(kafka, own, overrides))
 
 
 def make_group_consumer(kafka: KafkaSettings, group: str, **overrides: Any) -> Consumer:
     """A group member with manual commits and raw-bytes values (the worker's ratings consumer)."""
-    conf: dict[str, Any] = {
-        **kafka.rdkafka_config(),
+    own: dict[str, Any] = {
         "group.id": group,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "on_commit": _log_commit_errors,
-        "logger": _RDKAFKA_LOG,
     }
-    conf.update(overrides)
-    return Consumer(conf)
+    return Consumer(_rdkafka_conf(kafka, own, overrides))
 
 
 def make_reader(kafka: KafkaSettings, **overrides: Any) -> Consumer:
@@ -92,33 +93,37 @@ def make_reader(kafka: KafkaSettings, **overrides: Any) -> Consumer:
     librdkafka requires a ``group.id`` even then; this one is never used for a join.
     Partition ends are reported (``enable.partition.eof``), see :func:`drain`.
     """
-    conf: dict[str, Any] = {
-        **kafka.rdkafka_config(),
+    own: dict[str, Any] = {
         "group.id": "refold-reader-unused",
         "enable.auto.commit": False,
         # A start offset that no longer exists (a snapshot of a recreated topic) reads
         # from the beginning rather than skipping to the end.
         "auto.offset.reset": "earliest",
         "enable.partition.eof": True,
-        "logger": _RDKAFKA_LOG,
     }
-    conf.update(overrides)
-    return Consumer(conf)
+    return Consumer(_rdkafka_conf(kafka, own, overrides))
 
 
-def poll_batch(consumer: Consumer, max_records: int, timeout_s: float) -> list[Message]:
-    """Records that are ready: wait up to ``timeout_s`` for one, then take what is queued.
+def _ready(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
+    """Wait up to ``timeout_s`` for one message, then take what is already queued.
 
-    (``consume(n, timeout)`` alone would wait the whole timeout for ``n`` records.)
-    Partition-end events are dropped; other client errors are logged, and a fatal one
-    raises :class:`BrokerError`.
+    (``consume(n, timeout)`` alone would wait the whole timeout for ``n`` messages.)
+    Messages may be error events (partition ends included).
     """
     first = consumer.poll(timeout_s)
     if first is None:
         return []
-    more = consumer.consume(max_records - 1, 0) if max_records > 1 else []
+    return [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
+
+
+def poll_batch(consumer: Consumer, max_records: int, timeout_s: float) -> list[Message]:
+    """Records that are ready (see :func:`_ready`).
+
+    Partition-end events are dropped; other client errors are logged, and a fatal one
+    raises :class:`BrokerError`.
+    """
     out: list[Message] = []
-    for m in (first, *more):
+    for m in _ready(consumer, max_records, timeout_s):
         err = m.error()
         if err is None:
             out.append(m)
@@ -152,10 +157,7 @@ def drain(
     while not assigned <= ended.keys():
         if time.monotonic() > end:
             return None
-        first = consumer.poll(0.2)
-        if first is None:
-            continue
-        for m in (first, *consumer.consume(max_records, 0)):
+        for m in _ready(consumer, max_records, 0.2):
             err = m.error()
             if err is None:
                 on_record(m)

@@ -258,13 +258,10 @@ class Worker:
             for (topic, p), offset in self._uncommitted.items()
             if p in chosen
         ]
-        # Offsets of partitions this worker no longer owns are dropped: the new owner
-        # commits its own.
-        self._uncommitted = {
-            tp: o
-            for tp, o in self._uncommitted.items()
-            if partitions is not None and tp[1] not in partitions and tp[1] in self.owned
-        }
+        # What stays: owned partitions not committed now. Offsets of partitions this worker
+        # no longer owns are dropped: the new owner commits its own.
+        kept = set() if partitions is None else self.owned - partitions
+        self._uncommitted = {tp: o for tp, o in self._uncommitted.items() if tp[1] in kept}
         self._next_commit = now + self.settings.commit_interval_ms / 1000.0
         if offsets and force:
             self.consumer.commit(offsets=offsets, asynchronous=False)

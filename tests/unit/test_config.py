@@ -36,16 +36,22 @@ def test_env_overrides(monkeypatch):
     assert WorkerSettings().metrics_port == 9999
 
 
+def sasl_ssl(ca, **kw) -> KafkaSettings:
+    """SASL over TLS with a CA file; ``kw`` overrides any setting."""
+    base = {
+        "bootstrap_servers": "b1:9093,b2:9093",
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_username": "refold",
+        "sasl_password": "s3cret",
+        "ssl_cafile": ca,
+    }
+    return KafkaSettings(**{**base, **kw})
+
+
 def test_security_settings_pass_through(tmp_path):
     ca = tmp_path / "ca.pem"
-    k = KafkaSettings(
-        bootstrap_servers="b1:9093,b2:9093",
-        security_protocol="SASL_SSL",
-        sasl_mechanism="SCRAM-SHA-512",
-        sasl_username="refold",
-        sasl_password="s3cret",
-        ssl_cafile=ca,
-    )
+    k = sasl_ssl(ca)
     kw = k.client_kwargs()
     assert kw["bootstrap_servers"] == ["b1:9093", "b2:9093"]
     assert kw["security_protocol"] == "SASL_SSL" and kw["sasl_mechanism"] == "SCRAM-SHA-512"
@@ -59,15 +65,7 @@ def test_security_settings_reach_librdkafka(tmp_path):
     from confluent_kafka import Producer
 
     ca = tmp_path / "ca.pem"
-    k = KafkaSettings(
-        bootstrap_servers="b1:9093, b2:9093",
-        security_protocol="SASL_SSL",
-        sasl_mechanism="SCRAM-SHA-512",
-        sasl_username="refold",
-        sasl_password="s3cret",
-        ssl_cafile=ca,
-        ssl_check_hostname=False,
-    )
+    k = sasl_ssl(ca, bootstrap_servers="b1:9093, b2:9093", ssl_check_hostname=False)
     conf = k.rdkafka_config()
     assert conf["bootstrap.servers"] == "b1:9093,b2:9093"
     assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.mechanism"] == "SCRAM-SHA-512"
