@@ -468,12 +468,16 @@ class Worker:
     def process(self, batch: list[Message]) -> None:
         """Handle one polled batch end to end, then commit its offsets."""
         started = time.monotonic()
+        polled_ms = time.time() * 1000.0
         ratings: list[tuple[RatingEvent, Source]] = []
         kafka_ts: dict[str, int] = {}
         offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
         for r in batch:
             topic, partition, offset = position(r)
             offsets[topic, partition] = offset + 1
+            ts = r.timestamp()[1]
+            if ts > 0:  # clocks of other hosts may run ahead: clamp at zero
+                self.metrics.event_wait.observe(max(0.0, (polled_ms - ts) / 1000.0))
             value, key = r.value(), r.key()
             try:
                 event = decode_rating(value)
@@ -485,7 +489,7 @@ class Worker:
                 self._dead_letter(r, "key_mismatch", "message key differs from user_id")
                 continue
             ratings.append((event, Source(topic, partition, offset)))
-            kafka_ts[event.user_id] = r.timestamp()[1]
+            kafka_ts[event.user_id] = ts
         self.metrics.batch_size.observe(len(batch))
         self.metrics.events_in.inc(len(ratings))
 
@@ -502,7 +506,10 @@ class Worker:
                 self.publisher, self.topics.changelog, self.engine, outcome.changed_users
             )
         # One flush for lists, dead letters and state: all acknowledged before the commit.
-        for ack in self.publisher.confirm():
+        t1 = time.monotonic()
+        acks = self.publisher.confirm()
+        self.metrics.publish_confirm_seconds.observe(time.monotonic() - t1)
+        for ack in acks:
             if ack.topic == self.topics.changelog:
                 nxt = self.changelog_next.get(ack.partition, 0)
                 self.changelog_next[ack.partition] = max(nxt, ack.offset + 1)

@@ -39,6 +39,21 @@ class WorkerMetrics:
         self.batch_seconds = Histogram(
             "refold_batch_seconds", "Whole batch time incl. publish", buckets=_LATENCY, registry=r
         )
+        # The end-to-end latency in parts: before the worker (producer linger, brokers, the
+        # consumer's fetch and queue), then the batch itself (batch_seconds), of which the
+        # wait for the brokers' acknowledgements is publish_confirm_seconds.
+        self.event_wait = Histogram(
+            "refold_event_wait_seconds",
+            "Kafka timestamp of an event to the poll that handed it to the worker",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.publish_confirm_seconds = Histogram(
+            "refold_publish_confirm_seconds",
+            "Wait for the brokers to acknowledge a batch's lists, dead letters and state",
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.e2e_latency = Histogram(
             "refold_end_to_end_latency_seconds",
             "Kafka timestamp of the event to list acknowledged",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -346,6 +347,65 @@ def test_offsets_are_committed_at_most_once_per_interval_and_on_revocation():
     assert log[-1] == "commit-sync" and w.consumer.committed == {("ratings", 0): 3}
     w._commit(force=True)
     assert log.count("commit-sync") == 1, "nothing left to commit for a revoked partition"
+
+
+class SlowPublisher(FakePublisher):
+    """Acknowledges after ``delay_s``, as a busy broker does."""
+
+    def __init__(self, log: list[str], delay_s: float) -> None:
+        super().__init__(log)
+        self.delay_s = delay_s
+
+    def confirm(self, timeout_s: float = 30.0) -> list:
+        time.sleep(self.delay_s)
+        return super().confirm(timeout_s)
+
+
+class TimedRec(Rec):
+    def __init__(self, offset: int, value: bytes, key: bytes | None, ts_ms: int) -> None:
+        super().__init__(offset, value, key)
+        self._ts_ms = ts_ms
+
+    def timestamp(self):
+        return 1, self._ts_ms
+
+
+def test_latency_metrics_split_the_wait_before_the_worker_from_the_acknowledgement():
+    from worker.loop import Worker
+
+    log: list[str] = []
+    w = Worker(
+        settings=WorkerSettings(durable=False),
+        kafka=KafkaSettings(),
+        topics=TopicSettings(),
+        model=make_model(),
+    )
+    w.publisher = SlowPublisher(log, delay_s=0.03)  # type: ignore[assignment]
+    w.consumer = FakeConsumer(log)  # type: ignore[assignment]
+    w.owned = {0}
+    now_ms = int(time.time() * 1000)
+    batch = [
+        TimedRec(0, ev("a", "u1", "v1").model_dump_json().encode(), b"u1", now_ms - 400),
+        TimedRec(1, ev("b", "u2", "v2").model_dump_json().encode(), b"u2", now_ms - 200),
+        TimedRec(2, b"garbage", b"u3", now_ms - 100),  # dead-lettered, but it waited too
+        TimedRec(3, ev("c", "u4", "v1").model_dump_json().encode(), b"u4", 0),  # no timestamp
+    ]
+    w.process(batch)  # type: ignore[arg-type]
+
+    def sample(name: str) -> float:
+        value = w.metrics.registry.get_sample_value(name)
+        assert value is not None, name
+        return value
+
+    assert sample("refold_event_wait_seconds_count") == 3
+    waited = sample("refold_event_wait_seconds_sum")
+    assert 0.7 <= waited < 0.7 + 3 * 0.5, waited  # 0.4 + 0.2 + 0.1 s, plus the test's own time
+    assert sample("refold_publish_confirm_seconds_count") == 1
+    confirm = sample("refold_publish_confirm_seconds_sum")
+    assert confirm >= 0.03
+    assert sample("refold_batch_seconds_sum") >= confirm
+    # The list of the oldest event waited its 400 ms and then the acknowledgement.
+    assert sample("refold_end_to_end_latency_seconds_sum") >= 0.4 + 0.2 + 0.03 * 2
 
 
 def test_videos_without_training_interactions_start_from_their_content_prior():
