@@ -160,37 +160,30 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from kafka import TopicPartition
-
-    from worker.kafkaio import make_consumer
+    from worker.kafkaio import open_topic_reader, poll_batch
 
     topics = _topics(args)
     topic = args.topic or topics.recommendations
-    consumer = make_consumer(_kafka(args), group_id=None, fetch_max_wait_ms=50)
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    consumer = open_topic_reader(
+        _kafka(args),
+        topic,
+        deadline_s=args.timeout or None,
+        **{"fetch.wait.max.ms": 50},
+    )
+    if consumer is None:
+        return 1  # the topic did not appear in time
     try:
-        deadline = time.monotonic() + args.timeout if args.timeout else None
-        parts: set[int] | None = None
-        while not parts:
-            parts = consumer.partitions_for_topic(topic)
-            if deadline and time.monotonic() > deadline:
-                return 1
-            if not parts:
-                time.sleep(0.1)  # topic not created yet; poll its metadata again
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
         printed = 0
         want = args.user.encode() if args.user else None
         while deadline is None or time.monotonic() < deadline:
-            for recs in consumer.poll(timeout_ms=200).values():
-                for r in recs:
-                    if want is not None and r.key != want:
-                        continue
-                    doc = _tail_doc(r)
-                    print(json.dumps(doc), flush=True)
-                    printed += 1
-                    if args.max_messages and printed >= args.max_messages:
-                        return 0
+            for r in poll_batch(consumer, 500, 0.2):
+                if want is not None and r.key() != want:
+                    continue
+                print(json.dumps(_tail_doc(r)), flush=True)
+                printed += 1
+                if args.max_messages and printed >= args.max_messages:
+                    return 0
         return 0 if printed and not args.max_messages else 1
     finally:
         consumer.close()
@@ -198,18 +191,19 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 def _tail_doc(r: Any) -> Any:
     """A list prints as itself; a record with headers (a dead letter) prints in an envelope."""
+    raw, key, headers = r.value(), r.key(), r.headers()
     try:
-        value: Any = json.loads(r.value)
+        value: Any = json.loads(raw)
     except (TypeError, ValueError):
-        value = r.value.decode("utf-8", "backslashreplace") if r.value is not None else None
-    if not r.headers:
+        value = raw.decode("utf-8", "backslashreplace") if raw is not None else None
+    if not headers:
         return value
     return {
-        "topic": r.topic,
-        "partition": r.partition,
-        "offset": r.offset,
-        "key": r.key.decode("utf-8", "backslashreplace") if r.key is not None else None,
-        "headers": {k: v.decode("utf-8", "backslashreplace") for k, v in r.headers},
+        "topic": r.topic(),
+        "partition": r.partition(),
+        "offset": r.offset(),
+        "key": key.decode("utf-8", "backslashreplace") if key is not None else None,
+        "headers": {k: (v or b"").decode("utf-8", "backslashreplace") for k, v in headers},
         "value": value,
     }
 

@@ -40,28 +40,8 @@ class KafkaSettings(BaseSettings):
     ssl_keyfile: Path | None = Field(default=None, description="Client private key (mTLS).")
     ssl_check_hostname: bool = Field(default=True, description="Verify the broker hostname.")
 
-    def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments shared by every kafka-python client (tools, admin, tests)."""
-        kw: dict[str, Any] = {
-            "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s],
-            "security_protocol": self.security_protocol,
-        }
-        if self.security_protocol.startswith("SASL"):
-            kw["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
-            kw["sasl_plain_username"] = self.sasl_username
-            kw["sasl_plain_password"] = (
-                self.sasl_password.get_secret_value() if self.sasl_password else None
-            )
-        if self.security_protocol.endswith("SSL"):
-            kw["ssl_check_hostname"] = self.ssl_check_hostname
-            for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-                value = getattr(self, key)
-                if value is not None:
-                    kw[key] = str(value)
-        return kw
-
     def rdkafka_config(self) -> dict[str, Any]:
-        """The same settings as librdkafka properties (the worker's confluent-kafka clients)."""
+        """The settings as librdkafka properties (every refold Kafka client is confluent-kafka)."""
         conf: dict[str, Any] = {
             "bootstrap.servers": ",".join(
                 s.strip() for s in self.bootstrap_servers.split(",") if s.strip()

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from worker.brokers.tansu import TansuBroker
 from worker.config import KafkaSettings, TopicSettings
 from worker.core.wire import decode_recommendations
-from worker.kafkaio import make_consumer
+from worker.kafkaio import open_topic_reader, poll_batch
 from worker.notebook import NOT_WATCHED, answer_for, precision_colab, truth_from_frames
 from worker.producer import RatingProducer
 
@@ -78,12 +78,11 @@ def _prepare(work: Path, seed: int) -> tuple[Path, str, dict[str, str]]:
 
 def _next_list(consumer, user: str, want_event: str, deadline: float):  # type: ignore[no-untyped-def]
     while time.monotonic() < deadline:
-        for recs in consumer.poll(timeout_ms=100).values():
-            for r in recs:
-                if r.key == user.encode():
-                    doc = decode_recommendations(r.value)
-                    if want_event in doc.event_ids:
-                        return doc
+        for r in poll_batch(consumer, 500, 0.1):
+            if r.key() == user.encode():
+                doc = decode_recommendations(r.value())
+                if want_event in doc.event_ids:
+                    return doc
     raise TimeoutError(f"no list reflecting {want_event} within {ROUND_TIMEOUT_S}s")
 
 
@@ -112,23 +111,23 @@ def run(work: Path, seed: int) -> float:
         }
         worker = subprocess.Popen([sys.executable, "-m", "worker", "worker"], env=env)
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
-        consumer = make_consumer(kafka, group_id=None, fetch_max_wait_ms=10)
+        consumer = None
         try:
             producer = RatingProducer(kafka=kafka, topics=topics)
             last = None
             for v in initial:
                 last = producer.like(user, v).event_id
             producer.flush()
-            while not consumer.partitions_for_topic(topics.recommendations):
-                time.sleep(0.05)  # the worker creates the topic when it starts
-            from kafka import TopicPartition
-
-            tps = [
-                TopicPartition(topics.recommendations, p)
-                for p in consumer.partitions_for_topic(topics.recommendations)
-            ]
-            consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
+            # The worker creates the topic when it starts.
+            consumer = open_topic_reader(
+                kafka,
+                topics.recommendations,
+                deadline_s=ROUND_TIMEOUT_S * 3,
+                stop=lambda: worker.poll() is not None,
+                **{"fetch.wait.max.ms": 10},
+            )
+            if consumer is None:
+                raise RuntimeError("the worker exited or did not create its topics in time")
             rounds: list[dict[str, str]] = []
             for rnd in range(1, ROUNDS + 1):
                 assert last is not None
@@ -152,7 +151,8 @@ def run(work: Path, seed: int) -> float:
             print(f"final precision (likes / shown over {ROUNDS} rounds): {precision:.3f}")
             producer.close()
         finally:
-            consumer.close()
+            if consumer is not None:
+                consumer.close()
             worker.terminate()
             try:
                 code = worker.wait(timeout=30)

@@ -5,9 +5,9 @@ every producer) are confluent-kafka, i.e. librdkafka: its network I/O runs in C
 threads, so a poll hands back what was prefetched without waiting for the
 interpreter lock, and a produce costs about a microsecond. At 1,000 events/s on
 two cores kafka-python's per-poll thread hand-offs and per-record Python cost
-were most of the worker's end-to-end latency (README, Performance). Tools that
-read a topic once (tail, the demo and replay readers) and topic administration
-use kafka-python.
+were most of the worker's end-to-end latency (README, Performance). The tools
+that read a topic (tail, the demo and replay readers), topic administration and
+the broker readiness probes use the same client.
 
 Deserializers stay raw bytes: decoding happens in the loop, so that a bad
 message can be dead-lettered instead of being retried forever.
@@ -15,17 +15,15 @@ message can be dead-lettered instead of being retried forever.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer
 from confluent_kafka import KafkaError as RdKafkaError
-from kafka import KafkaAdminClient, KafkaConsumer
-from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from confluent_kafka import TopicPartition as Partition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from worker.config import KafkaSettings
 from worker.errors import BrokerError
@@ -180,15 +178,57 @@ def _log_commit_errors(err: RdKafkaError | None, partitions: list[Any]) -> None:
         log.warning("offset commit failed: %s", err.str())
 
 
-def make_consumer(kafka: KafkaSettings, **overrides: Any) -> KafkaConsumer:
-    """A kafka-python consumer with manual commits and raw-bytes values (for tools)."""
-    kw: dict[str, Any] = {
-        **kafka.client_kwargs(),
-        "enable_auto_commit": False,
-        "auto_offset_reset": "earliest",
-    }
-    kw.update(overrides)
-    return KafkaConsumer(**kw)
+def open_topic_reader(
+    kafka: KafkaSettings,
+    topic: str,
+    *,
+    deadline_s: float | None = None,
+    stop: Callable[[], bool] = lambda: False,
+    **overrides: Any,
+) -> Consumer | None:
+    """A :func:`make_reader` on every partition of ``topic``, from the beginning.
+
+    Waits for the topic to exist (the worker creates its topics when it starts); None
+    if ``deadline_s`` passes or ``stop()`` turns true first.
+    """
+    consumer = make_reader(kafka, **overrides)
+    end = None if deadline_s is None else time.monotonic() + deadline_s
+    try:
+        while True:
+            n = topic_partitions(consumer, topic)
+            if n:
+                consumer.assign([Partition(topic, p, OFFSET_BEGINNING) for p in range(n)])
+                return consumer
+            if stop() or (end is not None and time.monotonic() > end):
+                consumer.close()
+                return None
+            time.sleep(0.05)  # not created yet: ask the metadata again
+    except BaseException:
+        consumer.close()
+        raise
+
+
+def cluster_brokers(bootstrap: str, timeout_s: float) -> set[int]:
+    """Node ids of the brokers in the cluster's metadata (a readiness probe).
+
+    Raises :class:`BrokerError` if no metadata came within ``timeout_s``. The probe
+    reconnects quickly and keeps librdkafka's connection-refused lines out of the logs.
+    """
+    admin = AdminClient(
+        {
+            "bootstrap.servers": bootstrap,
+            "client.id": "refold-ready-probe",
+            "reconnect.backoff.ms": 20,
+            "reconnect.backoff.max.ms": 100,
+            "log_level": 0,
+        }
+    )
+    try:
+        return set(admin.list_topics(timeout=timeout_s).brokers)
+    except KafkaException as exc:
+        raise BrokerError(
+            f"no cluster metadata from {bootstrap} within {timeout_s}s: {exc}"
+        ) from exc
 
 
 def topic_partitions(
@@ -213,30 +253,37 @@ def ensure_topics(
     partitions: Mapping[str, int],
     *,
     compacted: Iterable[str] = (),
+    timeout_s: float = 30.0,
 ) -> None:
     """Create the topics that are missing; existing ones are left as they are."""
     compact = set(compacted)
-    admin = KafkaAdminClient(**kafka.client_kwargs())
+    admin = AdminClient(_rdkafka_conf(kafka, {}, {}))
     try:
-        existing = set(admin.list_topics())
-        new = [
-            NewTopic(
-                name=name,
-                num_partitions=n,
-                replication_factor=1
-                if len(kafka.client_kwargs()["bootstrap_servers"]) == 1
-                else -1,
-                topic_configs={"cleanup.policy": "compact"} if name in compact else {},
-            )
-            for name, n in partitions.items()
-            if name not in existing
-        ]
-        if new:
-            # Another worker may have created it first.
-            with contextlib.suppress(TopicAlreadyExistsError):
-                admin.create_topics(new)
-    finally:
-        admin.close()
+        md = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise BrokerError(f"no cluster metadata within {timeout_s}s: {exc}") from exc
+    # One broker (development, tests): replication 1. More: the cluster's default.
+    replication = 1 if len(md.brokers) == 1 else -1
+    new = [
+        NewTopic(
+            name,
+            num_partitions=n,
+            replication_factor=replication,
+            config={"cleanup.policy": "compact"} if name in compact else {},
+        )
+        for name, n in partitions.items()
+        if name not in md.topics
+    ]
+    if not new:
+        return
+    for name, future in admin.create_topics(new, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, RdKafkaError) and err.code() == RdKafkaError.TOPIC_ALREADY_EXISTS:
+                continue  # another worker created it first
+            raise BrokerError(f"cannot create topic {name}: {exc}") from exc
 
 
 def dead_letter_headers(

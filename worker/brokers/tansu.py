@@ -32,8 +32,7 @@ def wait_for_kafka(
     bootstrap: str, *, deadline_s: float, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
     """Block until a Kafka client can fetch cluster metadata, or raise BrokerError."""
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaError
+    from worker.kafkaio import cluster_brokers
 
     end = time.monotonic() + deadline_s
     last: Exception | None = None
@@ -41,18 +40,11 @@ def wait_for_kafka(
         if proc is not None and proc.poll() is not None:
             raise BrokerError(f"broker exited with code {proc.returncode} before it was ready")
         try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=bootstrap,
-                request_timeout_ms=2000,
-            )
-            try:
-                admin.list_topics()
-            finally:
-                admin.close()
-            return
-        except (KafkaError, OSError, ValueError) as exc:
+            if cluster_brokers(bootstrap, timeout_s=min(2.0, max(end - time.monotonic(), 0.1))):
+                return
+        except BrokerError as exc:
             last = exc
-            time.sleep(0.05)  # short poll interval, bounded by the deadline
+        time.sleep(0.05)  # short poll interval, bounded by the deadline
     raise BrokerError(f"broker at {bootstrap} not ready after {deadline_s:.0f}s: {last}")
 
 

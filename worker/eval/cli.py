@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -156,16 +155,8 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _quiet_kafka() -> None:
-    """kafka-python warns when its I/O loop is starved of CPU, which a replay that saturates
-    two cores does on purpose; those warnings are noise here, errors still show."""
-    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
     from worker.eval.replay import run_replay
-
-    _quiet_kafka()
 
     opts = _data_options(args)
     opts.horizon_events = args.horizon_events
@@ -188,8 +179,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from worker.eval.simulate import run_simulate_command
-
-    _quiet_kafka()
 
     data = _data_options(args)
     report = run_simulate_command(data, _simulate_options(args, args.users))

@@ -1089,52 +1089,41 @@ class LiveWorker:
     # ---- the collector -----------------------------------------------------------------------
 
     def _collect(self) -> None:
-        from kafka import TopicPartition
+        from worker.kafkaio import open_topic_reader, poll_batch
 
-        from worker.kafkaio import make_consumer
-
+        consumer = None
         try:
-            consumer = make_consumer(
+            # The worker creates the topic at start-up; the reader waits for its metadata.
+            consumer = open_topic_reader(
                 KafkaSettings(bootstrap_servers=self.bootstrap_servers),
-                group_id=None,
-                fetch_max_wait_ms=10,  # Tansu's fetch latency follows this (never 0)
+                self.topics.recommendations,
+                stop=self._stop.is_set,
+                **{"fetch.wait.max.ms": 10},  # Tansu's fetch latency follows this (never 0)
             )
-        except Exception as exc:  # reported by the waiting thread
-            self._collector_error = exc
-            return
-        try:
-            topic = self.topics.recommendations
-            while not self._stop.is_set():
-                parts = consumer.partitions_for_topic(topic)
-                if parts:
-                    break
-                time.sleep(0.05)  # the worker creates the topic at start-up; poll its metadata
-            else:
+            if consumer is None:
                 return
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
             self._topic_ready.set()
             while not self._stop.is_set():
-                for records in consumer.poll(timeout_ms=_COLLECT_POLL_MS).values():
-                    now = time.time()
-                    for r in records:
-                        try:
-                            recs = decode_recommendations(r.value)
-                        except DecodeError as exc:
-                            log.warning("undecodable list at offset %s: %s", r.offset, exc)
-                            continue
-                        with self.cond:
-                            self.lists.append(LiveList(recs, now, int(r.timestamp)))
-                            for eid in recs.event_ids:
-                                self.list_of_event[eid] = len(self.lists) - 1
-                            self.cond.notify_all()
+                records = poll_batch(consumer, 10_000, _COLLECT_POLL_MS / 1000.0)
+                now = time.time()
+                for r in records:
+                    try:
+                        recs = decode_recommendations(r.value())
+                    except DecodeError as exc:
+                        log.warning("undecodable list at offset %s: %s", r.offset(), exc)
+                        continue
+                    with self.cond:
+                        self.lists.append(LiveList(recs, now, int(r.timestamp()[1])))
+                        for eid in recs.event_ids:
+                            self.list_of_event[eid] = len(self.lists) - 1
+                        self.cond.notify_all()
         except Exception as exc:  # reported by the waiting thread
             self._collector_error = exc
             with self.cond:
                 self.cond.notify_all()
         finally:
-            consumer.close()
+            if consumer is not None:
+                consumer.close()
 
     # ---- sending and waiting -----------------------------------------------------------------
 
