@@ -1241,6 +1241,9 @@ class Request:
     strategy: str | None = None
     latency_ms: float | None = None
     publish_latency_ms: float | None = None
+    # The last replay event of the worker batch that published the live list: the
+    # in-process check answers at the same batch ends (see run_in_process).
+    batch_end: int | None = None
 
 
 @dataclass
@@ -1324,6 +1327,14 @@ def replay_live(
     lat = np.full(n, np.nan)
     pub = np.full(n, np.nan)
     requests: list[Request] = []
+    # The lists of one worker batch share their generated_at; the batch ends at the
+    # last event any of them reflects.
+    batch_end: dict[object, int] = {}
+    for lst in lists:
+        idxs = [int(e[1:]) for e in lst.recs.event_ids if e.startswith("r")]
+        if idxs:
+            key = lst.recs.generated_at
+            batch_end[key] = max(batch_end.get(key, -1), *idxs)
     for lst in lists:
         idxs = [int(e[1:]) for e in lst.recs.event_ids if e.startswith("r")]
         if not idxs:
@@ -1343,6 +1354,7 @@ def replay_live(
                 strategy=lst.recs.strategy,
                 latency_ms=float(lat[last]),
                 publish_latency_ms=float(pub[last]),
+                batch_end=batch_end[lst.recs.generated_at],
             )
         )
     requests.sort(key=lambda r: r.idx)
@@ -1407,6 +1419,13 @@ def run_in_process(
     answer them in one batch; a batch is answered before any event that could
     change a pending answer: an event of a pending user, an event on a video
     new to the model (its factors are refit from its interactions), or a retrain.
+
+    When the requests carry the live worker's batches (``batch_end``), the core
+    engine's check mirrors them instead: at the end of each live batch it lists
+    every user of that batch, as the worker did. Videos without training
+    interactions are refit from the interactions seen so far whenever a list
+    is made for a user who touched them, and those refits change the item
+    gramian every fold-in uses, so only the same batch ends give the same lists.
     """
     k = opts.k
     n = end - split
@@ -1432,6 +1451,11 @@ def run_in_process(
     names = [POPULARITY, *factor_models, *engines]
     answers: dict[str, list[list[int]]] = {name: [[] for _ in requests] for name in names}
     pending: dict[int, int] = {}  # user code -> request index
+    # The live worker's batches, for the core engine's check: batch end -> requests.
+    mirrored: dict[int, list[int]] = {}
+    if FOLDIN_INPROCESS in engines and any(r.batch_end is not None for r in requests):
+        for q, r in enumerate(requests):
+            mirrored.setdefault(r.idx if r.batch_end is None else r.batch_end, []).append(q)
     timings = {"retrain_s": 0.0, "retrains": 0, "foldin_s": 0.0, "factor_s": 0.0}
 
     def flush() -> None:
@@ -1446,6 +1470,8 @@ def run_in_process(
         timings["factor_s"] += time.monotonic() - t0
         t0 = time.monotonic()
         for name, engine in engines.items():
+            if name == FOLDIN_INPROCESS and mirrored:
+                continue  # answered at the live batch ends
             picked = [
                 (u, r)
                 for u, r in pending.items()
@@ -1497,6 +1523,16 @@ def run_in_process(
                 if ev is not None:
                     engine.register_video(ev)
             engine.apply(event)
+        if j in mirrored:
+            t0 = time.monotonic()
+            qs = mirrored[j]
+            engine = engines[FOLDIN_INPROCESS]
+            for ul, q in zip(
+                engine.recommend([table.user_ids[requests[q].user] for q in qs]), qs, strict=True
+            ):
+                if q % opts.check_every == 0:
+                    answers[FOLDIN_INPROCESS][q] = [table.code_of(v) for v in ul.video_ids]
+            timings["foldin_s"] += time.monotonic() - t0
         while req_i < len(requests) and requests[req_i].idx == j:
             r = requests[req_i]
             answers[POPULARITY][req_i] = pop.top(seen.get(r.user, set()), k)
