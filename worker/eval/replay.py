@@ -998,13 +998,7 @@ class LiveWorker:
         else:
             from worker.brokers.tansu import TansuBroker
 
-            kafka_log = logging.getLogger("kafka")
-            level = kafka_log.level
-            kafka_log.setLevel(logging.CRITICAL)  # refused connections while it starts are normal
-            try:
-                self._broker = TansuBroker().start()
-            finally:
-                kafka_log.setLevel(level)
+            self._broker = TansuBroker().start()
             self.bootstrap_servers = self._broker.bootstrap_servers
         kafka = KafkaSettings(bootstrap_servers=self.bootstrap_servers)
         pkg_root = str(Path(__file__).resolve().parents[2])
