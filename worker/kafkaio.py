@@ -178,6 +178,26 @@ def _log_commit_errors(err: RdKafkaError | None, partitions: list[Any]) -> None:
         log.warning("offset commit failed: %s", err.str())
 
 
+def wait_for_partitions(
+    client: Producer | Consumer,
+    topic: str,
+    *,
+    deadline_s: float | None = None,
+    stop: Callable[[], bool] = lambda: False,
+) -> int | None:
+    """Partitions of ``topic`` once its metadata shows it; None if ``deadline_s`` passes or
+    ``stop()`` turns true first. (A just-created topic's metadata propagates asynchronously.)
+    """
+    end = None if deadline_s is None else time.monotonic() + deadline_s
+    while True:
+        n = topic_partitions(client, topic)
+        if n:
+            return n
+        if stop() or (end is not None and time.monotonic() > end):
+            return None
+        time.sleep(0.05)  # not there yet: ask the metadata again
+
+
 def open_topic_reader(
     kafka: KafkaSettings,
     topic: str,
@@ -192,20 +212,16 @@ def open_topic_reader(
     if ``deadline_s`` passes or ``stop()`` turns true first.
     """
     consumer = make_reader(kafka, **overrides)
-    end = None if deadline_s is None else time.monotonic() + deadline_s
     try:
-        while True:
-            n = topic_partitions(consumer, topic)
-            if n:
-                consumer.assign([Partition(topic, p, OFFSET_BEGINNING) for p in range(n)])
-                return consumer
-            if stop() or (end is not None and time.monotonic() > end):
-                consumer.close()
-                return None
-            time.sleep(0.05)  # not created yet: ask the metadata again
+        n = wait_for_partitions(consumer, topic, deadline_s=deadline_s, stop=stop)
     except BaseException:
         consumer.close()
         raise
+    if n is None:
+        consumer.close()
+        return None
+    consumer.assign([Partition(topic, p, OFFSET_BEGINNING) for p in range(n)])
+    return consumer
 
 
 def cluster_brokers(bootstrap: str, timeout_s: float) -> set[int]:
@@ -223,12 +239,15 @@ def cluster_brokers(bootstrap: str, timeout_s: float) -> set[int]:
             "log_level": 0,
         }
     )
+    return set(_metadata(admin, timeout_s).brokers)
+
+
+def _metadata(client: Producer | Consumer | AdminClient, timeout_s: float) -> Any:
+    """The cluster metadata (all topics), or :class:`BrokerError` if none came in time."""
     try:
-        return set(admin.list_topics(timeout=timeout_s).brokers)
+        return client.list_topics(timeout=timeout_s)
     except KafkaException as exc:
-        raise BrokerError(
-            f"no cluster metadata from {bootstrap} within {timeout_s}s: {exc}"
-        ) from exc
+        raise BrokerError(f"no cluster metadata within {timeout_s}s: {exc}") from exc
 
 
 def topic_partitions(
@@ -239,10 +258,7 @@ def topic_partitions(
     Asks for all topics: a metadata request naming a missing topic would create it on
     brokers that auto-create topics.
     """
-    try:
-        md = client.list_topics(timeout=timeout_s).topics.get(topic)
-    except KafkaException as exc:
-        raise BrokerError(f"no cluster metadata within {timeout_s}s: {exc}") from exc
+    md = _metadata(client, timeout_s).topics.get(topic)
     if md is None or md.error is not None or not md.partitions:
         return None
     return len(md.partitions)
@@ -258,10 +274,7 @@ def ensure_topics(
     """Create the topics that are missing; existing ones are left as they are."""
     compact = set(compacted)
     admin = AdminClient(_rdkafka_conf(kafka, {}, {}))
-    try:
-        md = admin.list_topics(timeout=timeout_s)
-    except KafkaException as exc:
-        raise BrokerError(f"no cluster metadata within {timeout_s}s: {exc}") from exc
+    md = _metadata(admin, timeout_s)
     # One broker (development, tests): replication 1. More: the cluster's default.
     replication = 1 if len(md.brokers) == 1 else -1
     new = [

@@ -48,6 +48,7 @@ from worker.kafkaio import (
     poll_batch,
     position,
     topic_partitions,
+    wait_for_partitions,
 )
 from worker.metrics import WorkerMetrics
 from worker.snapshots import Snapshot, load_snapshot, save_snapshot
@@ -180,11 +181,8 @@ class Worker:
         self._drain_broadcast(until_caught_up=True)
         # Know the ratings topic's partitions before joining: a group leader that joins
         # without them assigns nothing and only notices at the next metadata refresh.
-        deadline = time.monotonic() + 60.0
-        while not topic_partitions(self.consumer, t.ratings):
-            if time.monotonic() > deadline:
-                raise BrokerError(f"no metadata for topic {t.ratings} after 60s")
-            time.sleep(0.1)  # metadata of a just-created topic propagates asynchronously
+        if not wait_for_partitions(self.consumer, t.ratings, deadline_s=60.0):
+            raise BrokerError(f"no metadata for topic {t.ratings} after 60s")
         self.consumer.subscribe(
             [t.ratings],
             on_assign=lambda c, tps: self.on_assigned({tp.partition for tp in tps}),
