@@ -75,6 +75,8 @@ def test_replay_through_kafka_writes_report_and_plots(
     for name in ("refold", "refold_inprocess", "popularity"):
         assert len(sim["variants"][name]["precision_per_round"]) == 4
     assert sim["checks"]["live_vs_inprocess_identical_rounds"] == pytest.approx(1.0)
+    assert sim["checks"]["live_vs_core_lists_checked"] >= 15 * 4
+    assert sim["checks"]["live_vs_core_identical"] == 1.0
     for png in ("metrics_over_time.png", "variants.png", "latency.png", "precision_per_round.png"):
         assert (out / png).stat().st_size > 1000, png
         assert png in report["plots"]
@@ -162,7 +164,8 @@ def test_live_lists_equal_the_core_even_while_untrained_videos_are_refit(
         [
             "replay", *_data_args(data), "--split-at", split_at, "--report", str(out),
             "--bootstrap-servers", broker, "--max-events", "2500", "--retrain-every", "0",
-            "--check-every", "1", *TRAIN,
+            "--check-every", "1", "--simulate-users", "20", "--sim-rounds", "4",
+            "--sim-min-likes", "1", *TRAIN,
         ]
     )  # fmt: skip
     assert code == 0
@@ -172,6 +175,11 @@ def test_live_lists_equal_the_core_even_while_untrained_videos_are_refit(
     assert sum(v in untrained for v in replayed) > 200, "the untrained videos are replayed"
     assert report["checks"]["lists_checked"] > 500
     assert report["checks"]["foldin_live_vs_inprocess_identical"] == 1.0
+    # The simulation's live lists too, mirrored at the worker's batch ends.
+    sim = report["simulation"]
+    assert sim["users"] >= 10
+    assert sim["checks"]["live_vs_core_lists_checked"] >= 4 * sim["users"]
+    assert sim["checks"]["live_vs_core_identical"] == 1.0
 
 
 def test_planted_new_users_foldin_beats_static_and_popularity(tmp_path: Path) -> None:
