@@ -198,6 +198,32 @@ def wait_for_partitions(
         time.sleep(0.05)  # not there yet: ask the metadata again
 
 
+def wait_for_leaders(client: Producer | Consumer, topics: Iterable[str], deadline_s: float) -> bool:
+    """Wait until every partition of ``topics`` has a leader in ``client``'s metadata.
+
+    A just-created topic's partitions get their leaders asynchronously. A producer whose
+    first record goes to a partition without a known leader holds it until a metadata
+    refresh finds one (librdkafka retries every ``topic.metadata.refresh.fast.interval.ms``,
+    100 ms), so the first list after a start on new topics would take that long. Asking
+    here fills the client's metadata cache first. False if ``deadline_s`` passed.
+    """
+    wanted = set(topics)
+    end = time.monotonic() + deadline_s
+    while True:
+        md = _metadata(client, max(0.1, end - time.monotonic())).topics
+        if all(
+            t in md
+            and md[t].error is None
+            and md[t].partitions
+            and all(p.leader >= 0 and p.error is None for p in md[t].partitions.values())
+            for t in wanted
+        ):
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+
+
 def open_topic_reader(
     kafka: KafkaSettings,
     topic: str,

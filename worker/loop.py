@@ -48,6 +48,7 @@ from worker.kafkaio import (
     poll_batch,
     position,
     topic_partitions,
+    wait_for_leaders,
     wait_for_partitions,
 )
 from worker.metrics import WorkerMetrics
@@ -149,6 +150,8 @@ class Worker:
             },
             compacted={t.changelog, t.videos, t.control},
         )
+        if not wait_for_leaders(self.producer, (t.recommendations, t.changelog, t.dlq), 10.0):
+            log.warning("output topics have no leader yet; the first lists may be slow")
         group_conf: dict[str, Any] = {
             "client.id": self.settings.client_id,
             "fetch.wait.max.ms": self.settings.fetch_max_wait_ms,
