@@ -178,50 +178,41 @@ def _log_commit_errors(err: RdKafkaError | None, partitions: list[Any]) -> None:
         log.warning("offset commit failed: %s", err.str())
 
 
-def wait_for_partitions(
+def wait_for_topics(
     client: Producer | Consumer,
-    topic: str,
+    topics: Iterable[str],
     *,
     deadline_s: float | None = None,
     stop: Callable[[], bool] = lambda: False,
-) -> int | None:
-    """Partitions of ``topic`` once its metadata shows it; None if ``deadline_s`` passes or
-    ``stop()`` turns true first. (A just-created topic's metadata propagates asynchronously.)
-    """
-    end = None if deadline_s is None else time.monotonic() + deadline_s
-    while True:
-        n = topic_partitions(client, topic)
-        if n:
-            return n
-        if stop() or (end is not None and time.monotonic() > end):
-            return None
-        time.sleep(0.05)  # not there yet: ask the metadata again
+) -> dict[str, int] | None:
+    """Partitions of each of ``topics`` once ``client``'s metadata shows every partition
+    with a leader; None if ``deadline_s`` passes or ``stop()`` turns true first.
 
-
-def wait_for_leaders(client: Producer | Consumer, topics: Iterable[str], deadline_s: float) -> bool:
-    """Wait until every partition of ``topics`` has a leader in ``client``'s metadata.
-
-    A just-created topic's partitions get their leaders asynchronously. A producer whose
-    first record goes to a partition without a known leader holds it until a metadata
-    refresh finds one (librdkafka retries every ``topic.metadata.refresh.fast.interval.ms``,
-    100 ms), so the first list after a start on new topics would take that long. Asking
-    here fills the client's metadata cache first. False if ``deadline_s`` passed.
+    A just-created topic's metadata and leaders propagate asynchronously. Asking here
+    also fills the client's metadata cache: a producer whose first record goes to a
+    partition without a known leader holds it until a metadata refresh finds one
+    (librdkafka retries every ``topic.metadata.refresh.fast.interval.ms``, 100 ms).
+    Asks for all topics: naming a missing one would create it on brokers that
+    auto-create topics.
     """
     wanted = set(topics)
-    end = time.monotonic() + deadline_s
+    end = None if deadline_s is None else time.monotonic() + deadline_s
     while True:
-        md = _metadata(client, max(0.1, end - time.monotonic())).topics
-        if all(
-            t in md
+        timeout = 10.0 if end is None else min(10.0, max(0.1, end - time.monotonic()))
+        md = _metadata(client, timeout).topics
+        ready = {
+            t: len(md[t].partitions)
+            for t in wanted
+            if t in md
             and md[t].error is None
             and md[t].partitions
             and all(p.leader >= 0 and p.error is None for p in md[t].partitions.values())
-            for t in wanted
-        ):
-            return True
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.02)
+        }
+        if len(ready) == len(wanted):
+            return ready
+        if stop() or (end is not None and time.monotonic() > end):
+            return None
+        time.sleep(0.02)  # not there yet: ask the metadata again
 
 
 def open_topic_reader(
@@ -239,14 +230,14 @@ def open_topic_reader(
     """
     consumer = make_reader(kafka, **overrides)
     try:
-        n = wait_for_partitions(consumer, topic, deadline_s=deadline_s, stop=stop)
+        found = wait_for_topics(consumer, [topic], deadline_s=deadline_s, stop=stop)
     except BaseException:
         consumer.close()
         raise
-    if n is None:
+    if found is None:
         consumer.close()
         return None
-    consumer.assign([Partition(topic, p, OFFSET_BEGINNING) for p in range(n)])
+    consumer.assign([Partition(topic, p, OFFSET_BEGINNING) for p in range(found[topic])])
     return consumer
 
 

@@ -48,8 +48,7 @@ from worker.kafkaio import (
     poll_batch,
     position,
     topic_partitions,
-    wait_for_leaders,
-    wait_for_partitions,
+    wait_for_topics,
 )
 from worker.metrics import WorkerMetrics
 from worker.snapshots import Snapshot, load_snapshot, save_snapshot
@@ -150,7 +149,8 @@ class Worker:
             },
             compacted={t.changelog, t.videos, t.control},
         )
-        if not wait_for_leaders(self.producer, (t.recommendations, t.changelog, t.dlq), 10.0):
+        outputs = (t.recommendations, t.changelog, t.dlq)
+        if wait_for_topics(self.producer, outputs, deadline_s=10.0) is None:
             log.warning("output topics have no leader yet; the first lists may be slow")
         group_conf: dict[str, Any] = {
             "client.id": self.settings.client_id,
@@ -184,7 +184,7 @@ class Worker:
         self._drain_broadcast(until_caught_up=True)
         # Know the ratings topic's partitions before joining: a group leader that joins
         # without them assigns nothing and only notices at the next metadata refresh.
-        if not wait_for_partitions(self.consumer, t.ratings, deadline_s=60.0):
+        if wait_for_topics(self.consumer, [t.ratings], deadline_s=60.0) is None:
             raise BrokerError(f"no metadata for topic {t.ratings} after 60s")
         self.consumer.subscribe(
             [t.ratings],
