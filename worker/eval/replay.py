@@ -70,7 +70,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -1259,6 +1259,28 @@ def _event_id(i: int) -> str:
     return f"r{i}"
 
 
+def _replay_index(event_id: str) -> int | None:
+    """The replay index of one of :func:`_event_id`'s ids; None for other ids (the probe)."""
+    return int(event_id[1:]) if event_id.startswith("r") else None
+
+
+def live_batch_ends(
+    lists: Iterable[Recommendations], index: Callable[[str], int | None]
+) -> dict[object, int]:
+    """The last sent event of each live worker batch, keyed by the batch's ``generated_at``.
+
+    The lists of one worker batch share their ``generated_at``; the batch ends at the
+    last event any of them reflects. ``index`` gives an event id's position in send
+    order, or None for ids that were not sent (the worker's start-up probe).
+    """
+    ends: dict[object, int] = {}
+    for recs in lists:
+        idxs = [i for i in map(index, recs.event_ids) if i is not None]
+        if idxs:
+            ends[recs.generated_at] = max(ends.get(recs.generated_at, -1), *idxs)
+    return ends
+
+
 def replay_live(
     table: EventTable,
     split: int,
@@ -1321,16 +1343,9 @@ def replay_live(
     lat = np.full(n, np.nan)
     pub = np.full(n, np.nan)
     requests: list[Request] = []
-    # The lists of one worker batch share their generated_at; the batch ends at the
-    # last event any of them reflects.
-    batch_end: dict[object, int] = {}
+    batch_end = live_batch_ends((lst.recs for lst in lists), _replay_index)
     for lst in lists:
-        idxs = [int(e[1:]) for e in lst.recs.event_ids if e.startswith("r")]
-        if idxs:
-            key = lst.recs.generated_at
-            batch_end[key] = max(batch_end.get(key, -1), *idxs)
-    for lst in lists:
-        idxs = [int(e[1:]) for e in lst.recs.event_ids if e.startswith("r")]
+        idxs = [j for j in map(_replay_index, lst.recs.event_ids) if j is not None]
         if not idxs:
             continue  # the probe's list
         for j in idxs:

@@ -57,6 +57,7 @@ from worker.eval.replay import (
     first_unseen,
     iso_time,
     keep_model,
+    live_batch_ends,
     prepare,
 )
 from worker.notebook import NOT_WATCHED, Session, answer_for, simulate_session
@@ -265,11 +266,7 @@ def live_vs_core(
     are identical (the same videos in the same order).
     """
     index = {ev.event_id: j for j, ev in enumerate(sent)}
-    ends: dict[object, int] = {}
-    for recs in lists:
-        idxs = [index[e] for e in recs.event_ids if e in index]
-        if idxs:  # (the worker's start-up probe reflects no sent event)
-            ends[recs.generated_at] = max(ends.get(recs.generated_at, -1), *idxs)
+    ends = live_batch_ends(lists, index.get)
     at_end: dict[int, list[Recommendations]] = {}
     for recs in lists:
         if recs.generated_at in ends and any(e in index for e in recs.event_ids):
