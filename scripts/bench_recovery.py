@@ -207,8 +207,11 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     model = build_model(args.cache)
     videos = list(load_model(model).items.ids)
-    work = Path(tempfile.mkdtemp(prefix="refold-recovery-"))
-    with TansuBroker() as broker:
+    with (
+        tempfile.TemporaryDirectory(prefix="refold-recovery-", ignore_cleanup_errors=True) as tmp,
+        TansuBroker() as broker,
+    ):
+        work = Path(tmp)  # the worker's state and log; a full run leaves ~400 MB here
         bs = broker.bootstrap_servers
         plains, durables = [], []
         for _ in range(args.overhead_pairs):
