@@ -165,11 +165,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
     topics = _topics(args)
     topic = args.topic or topics.recommendations
     deadline = time.monotonic() + args.timeout if args.timeout else None
+    reader_conf: dict[str, Any] = {"fetch.wait.max.ms": 50}
     consumer = open_topic_reader(
-        _kafka(args),
-        topic,
-        deadline_s=args.timeout or None,
-        **{"fetch.wait.max.ms": 50},
+        _kafka(args), topic, deadline_s=args.timeout or None, **reader_conf
     )
     if consumer is None:
         return 1  # the topic did not appear in time

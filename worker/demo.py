@@ -79,8 +79,9 @@ def _prepare(work: Path, seed: int) -> tuple[Path, str, dict[str, str]]:
 def _next_list(consumer, user: str, want_event: str, deadline: float):  # type: ignore[no-untyped-def]
     while time.monotonic() < deadline:
         for r in poll_batch(consumer, 500, 0.1):
-            if r.key() == user.encode():
-                doc = decode_recommendations(r.value())
+            value = r.value()
+            if r.key() == user.encode() and value is not None:
+                doc = decode_recommendations(value)
                 if want_event in doc.event_ids:
                     return doc
     raise TimeoutError(f"no list reflecting {want_event} within {ROUND_TIMEOUT_S}s")

@@ -15,6 +15,7 @@ from worker.config import KafkaSettings, TopicSettings, WorkerSettings
 from worker.core.als import fold_in
 from worker.core.engine import Recommender
 from worker.core.handler import Source, handle_batch
+from worker.core.scoring import Weights
 from worker.core.wire import RatingEvent, VideoEvent, decode_recommendations
 
 NOW = datetime(2026, 11, 29, 10, tzinfo=timezone.utc)
@@ -235,9 +236,152 @@ def test_model_swap_keeps_rows_and_refolds():
     eng.recommend(["u1"])
     row_before = {eng.catalog.items.id_of(i): v for i, v in eng.users["u1"].row.items()}
     eng.swap_model(make_model(seed=5, version="test-v2"))
-    assert eng.model_version == "test-v2" and eng.users["u1"].factors is None
+    assert eng.model_version == "test-v2" and eng.state_of("u1").factors is None
     assert {eng.catalog.items.id_of(i): v for i, v in eng.users["u1"].row.items()} == row_before
     assert eng.recommend(["u1"])[0].strategy == "als"
+
+
+def _video(video_id: str, category: str = "cat1", author: str = "a1", duration: float = 60):
+    return VideoEvent(
+        video_id=video_id,
+        duration_seconds=duration,
+        category=category,
+        author_id=author,
+        published_at=NOW,
+    )
+
+
+def _swap_scenario(m2_version: str = "test-v2"):
+    """An engine with live users, announced videos (one only seen in ratings) and
+    interactions with them, plus the model to swap to (which knows none of them)."""
+    m1 = make_model()
+    m1.item_factors[7] = 0.0  # untrained in m1: a new video there
+    m2 = make_model(seed=0, factor_seed=5, version=m2_version)
+    eng = Recommender(m1)
+    eng.register_video(_video("fresh", duration=40))
+    eng.register_video(_video("fresh2", category="cat2", author="a9"))
+    eng.register_video(_video("fresh", duration=80))  # an update: the latest one counts
+    rng = np.random.default_rng(3)
+    vids = [f"v{i}" for i in range(120)] + ["fresh", "fresh2", "ghost"]
+    n = 0
+    for u in range(25):
+        for _ in range(4):
+            act = ["like", "dislike", "neutral", "view"][rng.integers(4)]
+            watch = float(rng.uniform(1, 90)) if act == "view" else None
+            eng.apply(
+                ev(f"e{n}", f"u{u}", vids[rng.integers(len(vids))], act, watch),
+                partition=u % 3,
+                offset=n,
+            )
+            n += 1
+        eng.apply(
+            ev(f"e{n}", f"u{u}", ["fresh", "fresh2", "v7", "ghost"][u % 4], "like"),
+            partition=u % 3,
+            offset=n,
+        )
+        n += 1
+    eng.apply(ev(f"e{n}", "newbie", "v3", "dislike"), partition=0, offset=n)
+    eng.recommend([f"u{u}" for u in range(25)] + ["newbie"])
+    return eng, m2
+
+
+def _lists(eng: Recommender, users: list[str]) -> dict[str, tuple[str, list[str], list[float]]]:
+    return {lst.user_id: (lst.strategy, lst.video_ids, lst.scores) for lst in eng.recommend(users)}
+
+
+def test_model_swap_equals_a_restart_on_the_new_model():
+    """Reference: a fresh engine on the new model that reads the ``videos`` topic and
+    restores every user from their changelog record, as a restarted worker does."""
+    eng, m2 = _swap_scenario()
+    users = [f"u{u}" for u in range(25)] + ["newbie"]
+    records = {u: eng.snapshot(u) for u in users}
+    restarted = Recommender(m2)
+    restarted.register_video(_video("fresh", duration=40))
+    restarted.register_video(_video("fresh2", category="cat2", author="a9"))
+    restarted.register_video(_video("fresh", duration=80))
+    for u, rec in records.items():
+        restarted.restore(u, rec)
+
+    eng.swap_model(m2)
+    assert eng.users == {} and eng.n_live_users == len(users)  # set aside, moved on use
+    # u0 first, alone: the refit of "fresh" it liked must still see every user who
+    # interacted with it, though none of them has been moved over yet.
+    for batch in (["u0"], users):
+        got, want = _lists(eng, batch), _lists(restarted, batch)
+        assert got.keys() == want.keys()
+        for u in batch:
+            assert got[u][0] == want[u][0] and got[u][1] == want[u][1], u
+            np.testing.assert_allclose(got[u][2], want[u][2], rtol=1e-4, atol=1e-6)
+    # The announced videos kept their metadata (the latest announcement) and factors.
+    for vid in ("fresh", "fresh2", "ghost"):
+        i, j = eng.catalog.items.get(vid), restarted.catalog.items.get(vid)
+        assert i is not None and j is not None, vid
+        assert eng.catalog.duration_of(i) == restarted.catalog.duration_of(j)
+        np.testing.assert_allclose(
+            eng.catalog.factors[i], restarted.catalog.factors[j], rtol=1e-4, atol=1e-6
+        )
+    assert eng.catalog.duration_of(eng.catalog.items.get("fresh")) == 80
+    assert eng.n_live_users == len(users) and not eng._older
+
+
+def test_prepared_swap_equals_the_in_place_swap_and_sees_later_announcements():
+    a, m2 = _swap_scenario()
+    b, _ = _swap_scenario()
+    prepared = b.prepare(m2)  # what the worker's loader thread builds while b serves
+    b.register_video(_video("late", category="cat3", author="a2"))
+    b.apply(ev("late-1", "u1", "late", "like"))
+    a.register_video(_video("late", category="cat3", author="a2"))
+    a.apply(ev("late-1", "u1", "late", "like"))
+    a.swap_model(m2)
+    b.swap_model(prepared)
+    users = [f"u{u}" for u in range(25)] + ["newbie"]
+    assert b.catalog.duration_of(b.catalog.items.get("late")) == 60
+    assert _lists(a, users) == _lists(b, users)
+
+
+def test_a_prepared_swap_installs_its_weights_and_none_keeps_the_current_ones():
+    eng = Recommender(make_model(), weights=Weights(like=1.5))
+    eng.swap_model(eng.prepare(make_model(version="test-v2")))
+    eng.apply(ev("a", "zz", "v100", "like"))
+    eng.swap_model(eng.prepare(make_model(version="test-v3"), weights=Weights(like=3.0)))
+    eng.apply(ev("b", "zz", "v101", "like"))
+    row = eng.state_of("zz").row
+    assert row[eng.catalog.items.get("v100")] == 1.5 and row[eng.catalog.items.get("v101")] == 3.0
+
+
+def test_users_set_aside_by_a_swap_are_counted_forgotten_and_restored():
+    eng, m2 = _swap_scenario()
+    eng.swap_model(m2)
+    eng.state_of("u1")  # moved over
+    assert eng.n_live_users == 26 and len(eng.users) == 1
+    gone = [u for u, st in eng.live_users() if st.partition == 0]
+    eng.forget(gone)
+    assert eng.n_live_users == 26 - len(gone) and "u0" not in dict(eng.live_users())
+    assert "u0" not in eng.users and eng.state_of("u0").events_applied == 0  # bootstrap again
+    rec = eng.snapshot("u2")
+    eng.restore_lazy({"u2": json.dumps(rec).encode()})
+    assert "u2" not in dict(eng.live_users()) and eng.state_of("u2").events_applied == 5
+    eng.swap_model(make_model(version="test-v3"))  # a second swap before everyone moved
+    assert eng.state_of("u5").events_applied == 5 and eng.model_version == "test-v3"
+
+
+def test_group_sums_equal_the_reference():
+    from worker.core.catalog import _group_sums, group_sums_reference
+
+    rng = np.random.default_rng(0)
+    factors = rng.standard_normal((500, 8)).astype(np.float32)
+    for codes in (
+        rng.integers(-1, 7, 500),
+        rng.integers(0, 300, 500),
+        np.full(500, -1),
+        np.zeros(500, dtype=np.int64),
+    ):
+        codes = codes.astype(np.int32)
+        got, want = _group_sums(factors, codes), group_sums_reference(factors, codes)
+        assert got.keys() == want.keys()
+        for c in want:
+            np.testing.assert_allclose(got[c][0], want[c][0], rtol=1e-5, atol=1e-5)
+            assert got[c][1] == want[c][1]
 
 
 class FakePublisher:

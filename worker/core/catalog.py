@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import scipy.sparse as sp
 
 from worker.core.als import F32, ItemIndex, fold_in, gramian
 from worker.core.ids import IdMap
@@ -225,15 +226,30 @@ class Catalog:
 
 
 def _group_sums(factors: F32, codes: npt.NDArray[np.int32]) -> dict[int, tuple[F32, int]]:
+    """Per code >= 0: (sum of its rows' factors, row count); negative codes are skipped.
+
+    One sparse (codes × rows) indicator product, accumulated in float64: ``np.add.at``
+    on 2-D rows took ~0.4 s per call on 100k videos, this ~50 ms.
+    """
+    rows = np.flatnonzero(codes >= 0)
+    if len(rows) == 0:
+        return {}
+    uniq, inv, counts = np.unique(codes[rows], return_inverse=True, return_counts=True)
+    indicator = sp.csr_matrix((np.ones(len(rows)), (inv, rows)), shape=(len(uniq), len(codes)))
+    sums = np.asarray(indicator @ factors.astype(np.float64)).astype(np.float32)
+    return {
+        int(c): (sums[j], int(n))
+        for j, (c, n) in enumerate(zip(uniq.tolist(), counts.tolist(), strict=True))
+    }
+
+
+def group_sums_reference(factors: F32, codes: npt.NDArray[np.int32]) -> dict[int, tuple[F32, int]]:
+    """Obviously correct ``_group_sums``: one boolean mask per code."""
     out: dict[int, tuple[F32, int]] = {}
-    if len(codes) == 0:
-        return out
-    valid = codes >= 0
-    if not valid.any():
-        return out
-    uniq, inv, counts = np.unique(codes[valid], return_inverse=True, return_counts=True)
-    sums = np.zeros((len(uniq), factors.shape[1]), dtype=np.float64)
-    np.add.at(sums, inv, factors[valid])
-    for j, c in enumerate(uniq):
-        out[int(c)] = (sums[j].astype(np.float32), int(counts[j]))
+    for c in np.unique(codes[codes >= 0]).tolist():
+        mask = codes == c
+        out[int(c)] = (
+            factors[mask].astype(np.float64).sum(axis=0).astype(np.float32),
+            int(mask.sum()),
+        )
     return out

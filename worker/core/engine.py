@@ -6,7 +6,7 @@ replay baselines use in-process. It knows nothing of Kafka or files.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -43,6 +43,17 @@ class UserList:
     strategy: str  # "als" | "popular"
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A model and what a swap installs from it, built off the hot path (:meth:`prepare`)."""
+
+    model: Model
+    catalog: Catalog  # with the announced videos registered and the top-k index built
+    user_gram: F32
+    announced_upto: int  # announcements up to this sequence number are in ``catalog``
+    weights: Weights | None  # event weights from then on; None keeps the current ones
+
+
 class Recommender:
     """Applies rating events to user rows, folds users in, and ranks videos."""
 
@@ -61,13 +72,47 @@ class Recommender:
         # Restored but untouched users: their changelog record, decoded on first use.
         # A restart with a million users then costs a dict load, not a million objects.
         self.dormant: dict[str, bytes] = {}
-        self._install(model)
-
-    def _install(self, model: Model) -> None:
-        self.model = model
-        self.catalog = Catalog(model)
+        # Live states from before a model swap, in the item indices of the catalog they
+        # were built on (that catalog's IdMap with them); each moves to ``users`` on first
+        # use, so a swap does not walk every live row on the hot path.
+        self._older: list[tuple[IdMap, dict[str, UserState]]] = []
+        # The latest VideoEvent of each announced video, with its sequence number: a swap
+        # registers them again in the new model's catalog, as a restart would by reading
+        # the ``videos`` topic.
+        self._announced: dict[str, tuple[int, VideoEvent]] = {}
+        self._announce_seq = 0
+        # Interns user ids as the keys of new videos' interactions; it outlives swaps.
         self.user_idx: IdMap = model.users.copy()
-        self._user_gram: F32 = gramian(model.user_factors)
+        self._install(self.prepare(model))
+
+    def prepare(self, model: Model, *, weights: Weights | None = None) -> Prepared:
+        """Build what :meth:`swap_model` installs: the catalog (with the videos announced so
+        far and its top-k index) and the user gramian.
+
+        This is the costly part of a swap (~0.5 s for 100k videos and 200k users), and it
+        may run in another thread while this engine serves: it only reads the
+        announcements, through an atomic copy.
+        """
+        upto = self._announce_seq  # read before the copy: a later one is registered again
+        announced = sorted(self._announced.copy().values(), key=lambda a: a[0])
+        catalog = Catalog(model)
+        for _, event in announced:
+            _register(catalog, event)
+        catalog.index()
+        return Prepared(
+            model=model,
+            catalog=catalog,
+            user_gram=gramian(model.user_factors),
+            announced_upto=upto,
+            weights=weights,
+        )
+
+    def _install(self, prepared: Prepared) -> None:
+        self.model = prepared.model
+        self.catalog = prepared.catalog
+        if prepared.weights is not None:
+            self.weights = prepared.weights
+        self._user_gram = prepared.user_gram
 
     @property
     def model_version(self) -> str:
@@ -81,6 +126,8 @@ class Recommender:
         if st is None and user_id in self.dormant:
             self.restore(user_id, decode_record(self.dormant.pop(user_id)))
             return self.users[user_id]
+        if st is None and self._older:
+            st = self._adopt(user_id)
         if st is None:
             st = UserState()
             base = self.model.users.get(user_id)
@@ -91,14 +138,40 @@ class Recommender:
             self.users[user_id] = st
         return st
 
+    def _adopt(self, user_id: str) -> UserState | None:
+        """Move a user's state from before a model swap into the current catalog."""
+        for gen, (items, states) in enumerate(self._older):
+            st = states.pop(user_id, None)
+            if st is None:
+                continue
+            if not states:
+                del self._older[gen]
+            st.row = {self.catalog.ensure(items.id_of(i)): v for i, v in st.row.items()}
+            st.factors = None
+            self.users[user_id] = st
+            for i, v in st.row.items():
+                if i in self.catalog.new:
+                    self.catalog.note_interaction(i, self.user_idx.add(user_id), v)
+            return st
+        return None
+
+    def live_users(self) -> Iterator[tuple[str, UserState]]:
+        """Every user with a decoded state (dormant records excluded)."""
+        yield from self.users.items()
+        for _, states in self._older:
+            yield from states.items()
+
+    @property
+    def n_live_users(self) -> int:
+        return len(self.users) + sum(len(states) for _, states in self._older)
+
     def register_video(self, event: VideoEvent) -> int:
         """Register or update a video from the ``videos`` topic; no retrain."""
-        return self.catalog.register(
-            event.video_id,
-            duration_s=event.duration_seconds,
-            category=event.category,
-            author=event.author_id,
-        )
+        seq = self._announce_seq + 1
+        self._announced.pop(event.video_id, None)
+        self._announced[event.video_id] = (seq, event)
+        self._announce_seq = seq  # after the entry: see prepare()
+        return _register(self.catalog, event)
 
     def apply(self, event: RatingEvent, *, partition: int = -1, offset: int = -1) -> bool:
         """Apply one event to its user's row. False when it was already applied."""
@@ -208,17 +281,32 @@ class Recommender:
 
     # ---- model swap ----------------------------------------------------------------------
 
-    def swap_model(self, model: Model) -> None:
-        """Hot-swap the base model. Live rows are kept and refolded lazily on next use."""
-        old_items = self.catalog.items
-        self._install(model)
-        for st in self.users.values():
-            st.row = {self.catalog.ensure(old_items.id_of(i)): v for i, v in st.row.items()}
-            st.factors = None
-        for uid, st in self.users.items():
-            for i, v in st.row.items():
-                if i in self.catalog.new:
-                    self.catalog.note_interaction(i, self.user_idx.add(uid), v)
+    def swap_model(self, model: Model | Prepared) -> None:
+        """Hot-swap the base model. Live rows are kept and refolded lazily on next use.
+
+        Pass what :meth:`prepare` built (in another thread, say) to keep the swap itself
+        cheap: it then registers the videos announced since, carries over the
+        interactions with videos that stay untrained, and sets the live states aside to
+        be moved on first use.
+        """
+        prepared = model if isinstance(model, Prepared) else self.prepare(model)
+        old_catalog = self.catalog
+        for seq, event in sorted(self._announced.values(), key=lambda a: a[0]):
+            if seq > prepared.announced_upto:
+                _register(prepared.catalog, event)
+        self._install(prepared)
+        # Interactions with videos that stay untrained keep feeding their item-side
+        # fold-in, before the rows that hold them move over (same user keys: user_idx
+        # outlives the swap).
+        for i, entry in old_catalog.new.items():
+            if not entry.interactions:
+                continue
+            j = self.catalog.ensure(old_catalog.items.id_of(i))
+            if j in self.catalog.new:
+                self.catalog.new[j].interactions = entry.interactions
+        if self.users:
+            self._older.append((old_catalog.items, self.users))
+            self.users = {}
 
     # ---- durable state -------------------------------------------------------------------
 
@@ -229,6 +317,7 @@ class Recommender:
     def restore(self, user_id: str, record: dict[str, object]) -> None:
         """Replace a user's state with a changelog record."""
         st = UserState.from_record(record, self.catalog.ensure)
+        self._drop_older(user_id)
         self.users[user_id] = st
         for i, v in st.row.items():
             if i in self.catalog.new:
@@ -238,6 +327,7 @@ class Recommender:
         """Replace users' states with encoded changelog records, decoded on first use."""
         for u in records:
             self.users.pop(u, None)
+            self._drop_older(u)
         self.dormant.update(records)
 
     def forget(self, user_ids: Iterable[str]) -> None:
@@ -245,6 +335,21 @@ class Recommender:
         for u in user_ids:
             self.users.pop(u, None)
             self.dormant.pop(u, None)
+            self._drop_older(u)
+
+    def _drop_older(self, user_id: str) -> None:
+        for _, states in self._older:
+            states.pop(user_id, None)
+        self._older = [gen for gen in self._older if gen[1]]
+
+
+def _register(catalog: Catalog, event: VideoEvent) -> int:
+    return catalog.register(
+        event.video_id,
+        duration_s=event.duration_seconds,
+        category=event.category,
+        author=event.author_id,
+    )
 
 
 def row_arrays(row: dict[int, float]) -> tuple[npt.NDArray[np.int64], F32]:

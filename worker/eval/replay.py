@@ -1102,7 +1102,7 @@ class LiveWorker:
                 now = time.time()
                 for r in records:
                     try:
-                        recs = decode_recommendations(r.value())
+                        recs = decode_recommendations(r.value() or b"")
                     except DecodeError as exc:
                         log.warning("undecodable list at offset %s: %s", r.offset(), exc)
                         continue
