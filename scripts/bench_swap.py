@@ -20,16 +20,26 @@ Measured in the same run, on the loop's thread, each the best of ``--repeats``:
 Also: the first batch of 10 events on a fresh engine against the next ones (the
 top-k index is built with the engine, not by the first batch).
 
+Live (``--live-s``, 0 to skip): a worker on the embedded broker serves 1,000
+events/s from an app producer (as in bench_worker); 5 s in, ``refold swap``'s
+control message announces a retrained model (the same factors under a new
+version). Reported: the p99 end-to-end latency of the events sent in the 4 s
+before the announcement, and the p99 and maximum of those sent in the 3 s after
+it, while the worker loads and prepares the model and swaps it in. The
+baseline above says what the in-place swap would add: the whole of it, at once.
+
 The last line printed is a JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,14 +49,25 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import numpy as np  # noqa: E402
-from bench_worker import build_model  # noqa: E402
+from bench_worker import (  # noqa: E402
+    Broker,
+    ListReader,
+    app_producer,
+    build_model,
+    event_bytes,
+    run_worker,
+    sample_events,
+    stop_worker,
+    wait,
+)
 from threadpoolctl import threadpool_limits  # noqa: E402
 
+from worker.brokers.tansu import TansuBroker  # noqa: E402
 from worker.core.engine import Recommender  # noqa: E402
 from worker.core.handler import Source, handle_batch  # noqa: E402
 from worker.core.model import Model  # noqa: E402
 from worker.core.wire import RatingEvent, VideoEvent  # noqa: E402
-from worker.storage import load_model  # noqa: E402
+from worker.storage import load_model, save_model  # noqa: E402
 
 NOW = datetime(2026, 11, 29, tzinfo=timezone.utc)
 
@@ -75,6 +96,60 @@ def engine_with_state(model: Model, live_users: int, announced: int) -> Recommen
     return eng
 
 
+def live_swap(model_dir: Path, retrained_dir: Path, seconds: float, swap_at: float = 5.0):
+    """Latency (ms) of events sent before and after a model announcement, in a live worker."""
+    m = load_model(model_dir)
+    rate = 1000.0
+    events = sample_events(
+        np.random.default_rng(5), int(rate * seconds), list(m.users.ids), list(m.items.ids)
+    )
+    with TansuBroker() as tansu:
+        broker = Broker("tansu", tansu.bootstrap_servers, worker_wait_ms=10, reader_wait_ms=5)
+        prefix = f"sw{uuid.uuid4().hex[:6]}"
+        reader = ListReader(broker.bootstrap, f"{prefix}.recs", broker.reader_wait_ms)
+        reader.start()
+        proc = run_worker(broker, model_dir, prefix, durable=True)
+        producer = app_producer(broker.bootstrap, 5)
+        topic = f"{prefix}.ratings"
+        try:
+            producer.produce(topic, event_bytes("warm", "warm", events[0][2], 1.0), b"warm")
+            producer.flush(30)
+            wait(lambda: reader.progress() >= 1, 120, "warm-up list")
+            announce = {"model_dir": str(retrained_dir)}
+            sent: dict[str, float] = {}
+            swap_sent = None
+            start = time.perf_counter()
+            for i, (eid, user, video, watch) in enumerate(events):
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                if swap_sent is None and i >= swap_at * rate:
+                    producer.produce(f"{prefix}.models", json.dumps(announce).encode(), b"model")
+                    swap_sent = time.perf_counter()
+                sent[eid] = time.perf_counter()
+                producer.produce(topic, event_bytes(eid, user, video, watch), user.encode())
+                producer.poll(0)
+            if producer.flush(60):
+                raise RuntimeError("the load generator's events were not all acknowledged")
+            wait(lambda: reader.progress() >= len(events) + 1, 120, "all lists")
+        finally:
+            stop_worker(proc)
+            reader.stop()
+    assert swap_sent is not None
+    lat = np.array([(reader.seen[e] - t) * 1000.0 for e, t in sent.items()])
+    at = np.array(list(sent.values())) - swap_sent
+    before, after = lat[(at > -4) & (at < 0)], lat[(at >= 0) & (at < 3)]
+    by_second = (np.arange(len(lat)) / rate).astype(int)
+    return {
+        "live_p99_ms_before_swap": round(float(np.percentile(before, 99)), 1),
+        "live_p99_ms_after_swap": round(float(np.percentile(after, 99)), 1),
+        "live_max_ms_after_swap": round(float(after.max()), 1),
+        "live_p99_ms_by_second": [
+            round(float(np.percentile(lat[by_second == s], 99)), 1) for s in np.unique(by_second)
+        ],
+    }
+
+
 def ms(seconds: float) -> float:
     return round(seconds * 1000.0, 1)
 
@@ -86,10 +161,16 @@ def main() -> None:
     ap.add_argument("--live-users", type=int, default=100_000)
     ap.add_argument("--announced", type=int, default=1_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--live-s", type=float, default=12.0, help="live run length (0: skip)")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench_worker")
     args = ap.parse_args()
     model_dir = build_model(args.cache, 200_000, 100_000, 3_000_000, 64)
-    model, retrained = load_model(model_dir), load_model(model_dir)  # two distinct objects
+    model = load_model(model_dir)
+    # A retrained model as far as a swap can tell: the same factors, another version.
+    retrained_dir = args.cache / f"{model_dir.name}-retrained"
+    if not (retrained_dir / "manifest.json").exists():
+        save_model(dataclasses.replace(model, version=f"{model.version}-retrained"), retrained_dir)
+    retrained = load_model(retrained_dir)
 
     with threadpool_limits(1, "blas"):
         # First batch on a fresh engine vs the batches after it.
@@ -144,6 +225,9 @@ def main() -> None:
                 flush=True,
             )
 
+    live = live_swap(model_dir, retrained_dir, args.live_s) if args.live_s > 0 else {}
+    if live:
+        print(f"live: {live}", flush=True)
     result = {
         "swap_loop_ms": ms(min(swap_s)),
         "in_place_swap_loop_ms": ms(min(in_place)),
@@ -154,6 +238,7 @@ def main() -> None:
         "later_batch_ms": ms(float(np.median(batches[1:]))),
         "live_users": args.live_users,
         "announced_videos": args.announced,
+        **live,
     }
     print(json.dumps(result))
 

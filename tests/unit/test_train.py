@@ -73,6 +73,18 @@ def test_model_contents(trained: tuple[Model, Path], data_dir: Path) -> None:
     assert loaded.n_items == 120  # every metadata video, cold ones included
     assert np.array_equal(loaded.item_factors, model.item_factors)
     assert (loaded.user_rows != model.user_rows).nnz == 0
+    for codes, names, want_codes, want_names in (
+        (
+            loaded.videos.category,
+            loaded.videos.categories,
+            model.videos.category,
+            model.videos.categories,
+        ),
+        (loaded.videos.author, loaded.videos.authors, model.videos.author, model.videos.authors),
+    ):
+        assert [names[c] if c >= 0 else None for c in codes] == [
+            want_names[c] if c >= 0 else None for c in want_codes
+        ]
     summary = loaded.manifest["data_summary"]
     assert summary["rows_read"] == 8000 and summary["layout"] == "seed"
     assert summary["training"]["fit_seconds"] >= 0
@@ -235,3 +247,19 @@ def test_ids_that_cannot_travel_on_the_wire_are_dropped_and_counted():
     assert list(out.users.ids) == ["ok", "fine"] and list(out.items.ids) == ["v1", "v3"]
     assert out.matrix.toarray().tolist() == [[1.0, 2.0], [1.0, 0.0]]
     assert out.summary["skipped"]["invalid_id_values"] == 3
+
+
+def test_codes_of_equals_a_first_appearance_loop() -> None:
+    import pyarrow as pa
+
+    from worker.core.ids import IdMap
+    from worker.storage import codes_of
+
+    values = ["b", None, "a", "b", "", "c", None, "a", "é"]
+    column = pa.chunked_array([values[:4], values[4:], []], pa.string())
+    seen = IdMap()
+    want = [seen.add(v) if v is not None else -1 for v in values]
+    codes, names = codes_of(column)
+    assert codes.dtype == np.int32 and codes.tolist() == want and names == list(seen.ids)
+    empty_codes, empty_names = codes_of(pa.chunked_array([], pa.string()))
+    assert empty_codes.tolist() == [] and empty_names == []

@@ -12,11 +12,10 @@ class IdMap:
 
     def __init__(self, ids: Iterable[str] = ()) -> None:
         self._ids: list[str] = list(ids)
-        self._index: dict[str, int] = dict(zip(self._ids, range(len(self._ids)), strict=True))
+        self._index: dict[str, int] = _indexed(self._ids)
         if len(self._index) != len(self._ids):  # duplicates: keep the first occurrence
-            unique = list(dict.fromkeys(self._ids))
-            self._ids = unique
-            self._index = dict(zip(unique, range(len(unique)), strict=True))
+            self._ids = list(dict.fromkeys(self._ids))
+            self._index = _indexed(self._ids)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -51,3 +50,17 @@ class IdMap:
         out._ids = list(self._ids)
         out._index = dict(self._index)
         return out
+
+
+#: Ids hashed per C call when a map is built. A model loaded in a background thread
+#: (a hot swap) then holds the interpreter lock for a few milliseconds at a time, not
+#: the ~80 ms one call takes for 200k ids, and the worker's loop keeps its turns.
+_CHUNK = 16_384
+
+
+def _indexed(ids: list[str]) -> dict[str, int]:
+    index: dict[str, int] = {}
+    for start in range(0, len(ids), _CHUNK):
+        stop = min(start + _CHUNK, len(ids))
+        index.update(zip(ids[start:stop], range(start, stop), strict=True))
+    return index
