@@ -261,5 +261,9 @@ def test_codes_of_equals_a_first_appearance_loop() -> None:
     want = [seen.add(v) if v is not None else -1 for v in values]
     codes, names = codes_of(column)
     assert codes.dtype == np.int32 and codes.tolist() == want and names == list(seen.ids)
+    as_dictionary = pa.chunked_array(
+        [pa.array(values[:5]).dictionary_encode(), pa.array(values[5:]).dictionary_encode()]
+    )
+    assert codes_of(as_dictionary)[0].tolist() == want and codes_of(as_dictionary)[1] == names
     empty_codes, empty_names = codes_of(pa.chunked_array([], pa.string()))
     assert empty_codes.tolist() == [] and empty_names == []

@@ -6,7 +6,7 @@ replay baselines use in-process. It knows nothing of Kafka or files.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -317,7 +317,7 @@ class Recommender:
     def restore(self, user_id: str, record: dict[str, object]) -> None:
         """Replace a user's state with a changelog record."""
         st = UserState.from_record(record, self.catalog.ensure)
-        self._drop_older(user_id)
+        self._drop_older((user_id,))
         self.users[user_id] = st
         for i, v in st.row.items():
             if i in self.catalog.new:
@@ -327,19 +327,24 @@ class Recommender:
         """Replace users' states with encoded changelog records, decoded on first use."""
         for u in records:
             self.users.pop(u, None)
-            self._drop_older(u)
+        self._drop_older(records)
         self.dormant.update(records)
 
     def forget(self, user_ids: Iterable[str]) -> None:
         """Drop users (their partition moved to another worker)."""
+        user_ids = list(user_ids)
         for u in user_ids:
             self.users.pop(u, None)
             self.dormant.pop(u, None)
-            self._drop_older(u)
+        self._drop_older(user_ids)
 
-    def _drop_older(self, user_id: str) -> None:
+    def _drop_older(self, user_ids: Collection[str]) -> None:
+        """Drop users' states from before a swap (a restore or a revocation replaces them)."""
+        if not self._older:
+            return  # the usual case: no swap, or everyone moved over
         for _, states in self._older:
-            states.pop(user_id, None)
+            for u in user_ids:
+                states.pop(u, None)
         self._older = [gen for gen in self._older if gen[1]]
 
 
