@@ -21,8 +21,8 @@ Measured in the same run:
    default of librdkafka and of the Apache Kafka 4 clients
    (``--app-linger-ms``), and the linger counts in the latency. The list
    reader runs in a process of its own. Each latency run starts a worker of its
-   own; the first second of its stream (``--lead-in-s``) is sent but not
-   counted. On Apache Kafka, 60 s of the same traffic (``--warmup-s``) come
+   own, and every event counts from its first (``--lead-in-s`` can leave the
+   start of the stream uncounted). On Apache Kafka, 60 s of the same traffic (``--warmup-s``) come
    first, uncounted: a JVM that has just started compiles its hot paths under
    the first minute of traffic, and a deployed broker runs for weeks. The JSON
    line keeps the p99 of each warm-up run;
@@ -474,9 +474,9 @@ def main() -> None:
     ap.add_argument(
         "--lead-in-s",
         type=float,
-        default=1.0,
+        default=0.0,
         help="seconds of each latency run's stream sent before the measured events and not "
-        "counted: a worker's first second after its start is not steady state",
+        "counted (default 0: every event counts, the worker's first second included)",
     )
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench_worker")
     args = ap.parse_args()
