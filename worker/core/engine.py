@@ -73,9 +73,10 @@ class Recommender:
         # A restart with a million users then costs a dict load, not a million objects.
         self.dormant: dict[str, bytes] = {}
         # Live states from before a model swap, in the item indices of the catalog they
-        # were built on (that catalog's IdMap with them); each moves to ``users`` on first
-        # use, so a swap does not walk every live row on the hot path.
-        self._older: list[tuple[IdMap, dict[str, UserState]]] = []
+        # were built on (that catalog's video ids with them, ~7 MB per 100k videos, kept
+        # while one of its users has not come back); each moves to ``users`` on first use,
+        # so a swap does not walk every live row on the hot path.
+        self._older: list[tuple[Sequence[str], dict[str, UserState]]] = []
         # The latest VideoEvent of each announced video, with its sequence number: a swap
         # registers them again in the new model's catalog, as a restart would by reading
         # the ``videos`` topic.
@@ -146,7 +147,7 @@ class Recommender:
                 continue
             if not states:
                 del self._older[gen]
-            st.row = {self.catalog.ensure(items.id_of(i)): v for i, v in st.row.items()}
+            st.row = {self.catalog.ensure(items[i]): v for i, v in st.row.items()}
             st.factors = None
             self.users[user_id] = st
             for i, v in st.row.items():
@@ -305,7 +306,7 @@ class Recommender:
             if j in self.catalog.new:
                 self.catalog.new[j].interactions = entry.interactions
         if self.users:
-            self._older.append((old_catalog.items, self.users))
+            self._older.append((old_catalog.items.ids, self.users))
             self.users = {}
 
     # ---- durable state -------------------------------------------------------------------
