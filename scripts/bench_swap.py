@@ -42,6 +42,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +97,9 @@ def engine_with_state(model: Model, live_users: int, announced: int) -> Recommen
     return eng
 
 
-def live_swap(model_dir: Path, retrained_dir: Path, seconds: float, swap_at: float = 5.0):
+def live_swap(
+    model_dir: Path, retrained_dir: Path, seconds: float, swap_at: float = 5.0
+) -> dict[str, Any]:
     """Latency (ms) of events sent before and after a model announcement, in a live worker."""
     m = load_model(model_dir)
     rate = 1000.0
@@ -225,9 +228,9 @@ def main() -> None:
                 flush=True,
             )
 
-    live = live_swap(model_dir, retrained_dir, args.live_s) if args.live_s > 0 else {}
-    if live:
-        print(f"live: {live}", flush=True)
+    in_worker = live_swap(model_dir, retrained_dir, args.live_s) if args.live_s > 0 else {}
+    if in_worker:
+        print(f"live: {in_worker}", flush=True)
     result = {
         "swap_loop_ms": ms(min(swap_s)),
         "in_place_swap_loop_ms": ms(min(in_place)),
@@ -238,7 +241,7 @@ def main() -> None:
         "later_batch_ms": ms(float(np.median(batches[1:]))),
         "live_users": args.live_users,
         "announced_videos": args.announced,
-        **live,
+        **in_worker,
     }
     print(json.dumps(result))
 
