@@ -289,9 +289,12 @@ def _lists(eng: Recommender, users: list[str]) -> dict[str, tuple[str, list[str]
     return {lst.user_id: (lst.strategy, lst.video_ids, lst.scores) for lst in eng.recommend(users)}
 
 
-def test_model_swap_equals_a_restart_on_the_new_model():
+@pytest.mark.parametrize("settled", [False, True], ids=["moved-on-use", "settled"])
+def test_model_swap_equals_a_restart_on_the_new_model(settled: bool):
     """Reference: a fresh engine on the new model that reads the ``videos`` topic and
-    restores every user from their changelog record, as a restarted worker does."""
+    restores every user from their changelog record, as a restarted worker does.
+    Users move to the new catalog on use, or all at once by ``settle`` (as the worker's
+    loop does a few per turn)."""
     eng, m2 = _swap_scenario()
     users = [f"u{u}" for u in range(25)] + ["newbie"]
     records = {u: eng.snapshot(u) for u in users}
@@ -303,7 +306,12 @@ def test_model_swap_equals_a_restart_on_the_new_model():
         restarted.restore(u, rec)
 
     eng.swap_model(m2)
-    assert eng.users == {} and eng.n_live_users == len(users)  # set aside, moved on use
+    assert eng.users == {} and eng.n_live_users == eng.unsettled == len(users)  # set aside
+    if settled:
+        assert eng.settle(10) == 10 and eng.unsettled == len(users) - 10
+        while eng.settle(7):
+            pass
+        assert eng.unsettled == 0 and len(eng.users) == len(users) and not eng._older
     # u0 first, alone: the refit of "fresh" it liked must still see every user who
     # interacted with it, though none of them has been moved over yet.
     for batch in (["u0"], users):

@@ -156,6 +156,24 @@ class Recommender:
             return st
         return None
 
+    def settle(self, max_users: int) -> int:
+        """Move up to ``max_users`` users set aside by a swap into the current catalog,
+        oldest swap first; returns how many moved.
+
+        Users who do not come back would otherwise keep their old catalog's video ids
+        alive; the worker settles a few per loop turn until none is left.
+        """
+        moved = 0
+        while self._older and moved < max_users:
+            self._adopt(next(iter(self._older[0][1])))
+            moved += 1
+        return moved
+
+    @property
+    def unsettled(self) -> int:
+        """Users set aside by a swap, not moved to the current catalog yet."""
+        return sum(len(states) for _, states in self._older)
+
     def live_users(self) -> Iterator[tuple[str, UserState]]:
         """Every user with a decoded state (dormant records excluded)."""
         yield from self.users.items()
@@ -164,7 +182,7 @@ class Recommender:
 
     @property
     def n_live_users(self) -> int:
-        return len(self.users) + sum(len(states) for _, states in self._older)
+        return len(self.users) + self.unsettled
 
     def register_video(self, event: VideoEvent) -> int:
         """Register or update a video from the ``videos`` topic; no retrain."""
