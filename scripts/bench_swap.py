@@ -39,7 +39,6 @@ import json
 import os
 import sys
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -52,14 +51,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import numpy as np  # noqa: E402
 from bench_worker import (  # noqa: E402
     Broker,
-    ListReader,
-    app_producer,
     build_model,
-    event_bytes,
-    run_worker,
+    p99_by_second,
+    paced_stream,
     sample_events,
-    stop_worker,
-    wait,
 )
 from threadpoolctl import threadpool_limits  # noqa: E402
 
@@ -106,50 +101,25 @@ def live_swap(
     events = sample_events(
         np.random.default_rng(5), int(rate * seconds), list(m.users.ids), list(m.items.ids)
     )
+    announce = json.dumps({"model_dir": str(retrained_dir)}).encode()
+    swap_sent: list[float] = []
+
+    def announce_once(i: int, producer: Any, prefix: str) -> None:
+        if i == int(swap_at * rate):
+            producer.produce(f"{prefix}.models", announce, b"model")
+            swap_sent.append(time.perf_counter())
+
     with TansuBroker() as tansu:
         broker = Broker("tansu", tansu.bootstrap_servers, worker_wait_ms=10, reader_wait_ms=5)
-        prefix = f"sw{uuid.uuid4().hex[:6]}"
-        reader = ListReader(broker.bootstrap, f"{prefix}.recs", broker.reader_wait_ms)
-        reader.start()
-        proc = run_worker(broker, model_dir, prefix, durable=True)
-        producer = app_producer(broker.bootstrap, 5)
-        topic = f"{prefix}.ratings"
-        try:
-            producer.produce(topic, event_bytes("warm", "warm", events[0][2], 1.0), b"warm")
-            producer.flush(30)
-            wait(lambda: reader.progress() >= 1, 120, "warm-up list")
-            announce = {"model_dir": str(retrained_dir)}
-            sent: dict[str, float] = {}
-            swap_sent = None
-            start = time.perf_counter()
-            for i, (eid, user, video, watch) in enumerate(events):
-                delay = start + i / rate - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-                if swap_sent is None and i >= swap_at * rate:
-                    producer.produce(f"{prefix}.models", json.dumps(announce).encode(), b"model")
-                    swap_sent = time.perf_counter()
-                sent[eid] = time.perf_counter()
-                producer.produce(topic, event_bytes(eid, user, video, watch), user.encode())
-                producer.poll(0)
-            if producer.flush(60):
-                raise RuntimeError("the load generator's events were not all acknowledged")
-            wait(lambda: reader.progress() >= len(events) + 1, 120, "all lists")
-        finally:
-            stop_worker(proc)
-            reader.stop()
-    assert swap_sent is not None
-    lat = np.array([(reader.seen[e] - t) * 1000.0 for e, t in sent.items()])
-    at = np.array(list(sent.values())) - swap_sent
+        run = paced_stream(broker, model_dir, events, rate, before_send=announce_once)
+    lat = (run.arrivals - run.sent) * 1000.0
+    at = run.sent - swap_sent[0]
     before, after = lat[(at > -4) & (at < 0)], lat[(at >= 0) & (at < 3)]
-    by_second = (np.arange(len(lat)) / rate).astype(int)
     return {
         "live_p99_ms_before_swap": round(float(np.percentile(before, 99)), 1),
         "live_p99_ms_after_swap": round(float(np.percentile(after, 99)), 1),
         "live_max_ms_after_swap": round(float(after.max()), 1),
-        "live_p99_ms_by_second": [
-            round(float(np.percentile(lat[by_second == s], 99)), 1) for s in np.unique(by_second)
-        ],
+        "live_p99_ms_by_second": [round(v, 1) for v in p99_by_second(lat, rate)],
     }
 
 

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -307,30 +307,48 @@ def app_producer(bootstrap: str, linger_ms: int) -> Any:
     )
 
 
-def latency(
-    broker: Broker, model_dir: Path, events, rate: float, linger_ms: int = 5, lead_in: int = 0
-) -> dict[str, Any]:
-    """Latency of ``events[lead_in:]``; the first ``lead_in`` events are sent, not counted."""
+@dataclass
+class Stream:
+    """What :func:`paced_stream` measured: each event's send time and the list arrivals."""
+
+    sent: np.ndarray  # perf_counter() at each event's produce(), in event order
+    arrivals: np.ndarray  # when the first list reflecting each event arrived
+    offered_events_per_s: float
+
+
+def paced_stream(
+    broker: Broker,
+    model_dir: Path,
+    events: list[tuple[str, str, str, float]],
+    rate: float,
+    linger_ms: int = 5,
+    before_send: Callable[[int, Any, str], None] | None = None,
+) -> Stream:
+    """A fresh worker serving ``events`` sent by an app producer at ``rate`` per second.
+
+    ``before_send(i, producer, prefix)`` runs before event ``i`` is sent (bench_swap
+    announces a model from it); the worker's topics are named ``{prefix}.*``.
+    """
     prefix = f"lat{uuid.uuid4().hex[:6]}"
     reader = ListReader(broker.bootstrap, f"{prefix}.recs", broker.reader_wait_ms)
     reader.start()
     proc = run_worker(broker, model_dir, prefix, durable=True)
     producer = app_producer(broker.bootstrap, linger_ms)
     topic = f"{prefix}.ratings"
+    sent = np.zeros(len(events))
     try:
         # Warm up: the group join and the first fetches are not steady state.
         producer.produce(topic, event_bytes("warm", "warm", events[0][2], 1.0), b"warm")
         producer.flush(30)
         wait(lambda: reader.progress() >= 1, 120, "warm-up list")
-        sent: dict[str, float] = {}
         start = time.perf_counter()
         for i, (eid, user, video, watch) in enumerate(events):
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            now = time.perf_counter()
-            if i >= lead_in:
-                sent[eid] = now
+            if before_send is not None:
+                before_send(i, producer, prefix)
+            sent[i] = time.perf_counter()
             producer.produce(topic, event_bytes(eid, user, video, watch), user.encode())
             producer.poll(0)  # serve delivery reports
         if producer.flush(60):
@@ -340,19 +358,32 @@ def latency(
     finally:
         stop_worker(proc)
         reader.stop()
-    lat = np.array([(reader.seen[e] - t) * 1000.0 for e, t in sent.items()])
+    arrivals = np.array([reader.seen[e[0]] for e in events])
+    return Stream(sent=sent, arrivals=arrivals, offered_events_per_s=offered)
+
+
+def p99_by_second(lat_ms: np.ndarray, rate: float) -> list[float]:
+    """p99 per second of the stream, bucketed by when each event was due (event i at
+    i / rate), so that every second holds the same number of events (by send time, a
+    last sliver of a few events could stand for the whole last second)."""
+    second = (np.arange(len(lat_ms)) / rate).astype(int)
+    return [float(np.percentile(lat_ms[second == s], 99)) for s in np.unique(second)]
+
+
+def latency(
+    broker: Broker, model_dir: Path, events, rate: float, linger_ms: int = 5, lead_in: int = 0
+) -> dict[str, Any]:
+    """Latency of ``events[lead_in:]``; the first ``lead_in`` events are sent, not counted."""
+    run = paced_stream(broker, model_dir, events, rate, linger_ms)
+    lat = (run.arrivals - run.sent)[lead_in:] * 1000.0
     # Per second of sending: on the embedded broker latency grows through the run, as its
     # fetches get dearer with every record batch in a partition (README, Brokers).
-    # Bucketed by when each event was due (event i at i / rate), so that every second
-    # holds the same number of events (by send time, a last sliver of a few events
-    # could stand for the whole last second).
-    second = (np.arange(len(lat)) / rate).astype(int)
-    by_second = [float(np.percentile(lat[second == s], 99)) for s in np.unique(second)]
+    by_second = p99_by_second(lat, rate)
     return {
         "p50_ms": float(np.percentile(lat, 50)),
         "p95_ms": float(np.percentile(lat, 95)),
         "p99_ms": float(np.percentile(lat, 99)),
-        "offered_events_per_s": offered,
+        "offered_events_per_s": run.offered_events_per_s,
         "p99_ms_first_second": by_second[0],
         "p99_ms_last_second": by_second[-1],
         "p99_ms_by_second": [round(v, 1) for v in by_second],

@@ -202,8 +202,6 @@ def codes_of(column: pa.ChunkedArray) -> tuple[np.ndarray[Any, np.dtype[np.int32
     (null: -1). Arrow's dictionary encoding, ~40× faster than a Python loop on 100k
     videos; that loop is also what a model swap's loader thread used to spend ~0.2 s on.
     """
-    if pa.types.is_dictionary(column.type):  # e.g. a pandas categorical, written elsewhere
-        column = column.cast(column.type.value_type)
     encoded = column.combine_chunks().dictionary_encode()
     codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
     return codes, encoded.dictionary.to_pylist()
