@@ -34,6 +34,20 @@ class Weights:
     watch_cap: float = 1.0
     #: Duration assumed for a video whose metadata never arrived (10 minutes, a typical length).
     default_duration_s: float = 600.0
+    #: A view of at least this watched fraction is a positive event on its own (half the video).
+    positive_fraction: float = 0.5
+
+    def is_positive(
+        self, action: str, watch_seconds: float | None, duration_s: float | None
+    ) -> bool:
+        """The one definition of a positive event: live popularity, the replay's popularity
+        baseline and relevance all use it. A like, or a view of >= ``positive_fraction``."""
+        if action == "like":
+            return True
+        if action != "view":
+            return False
+        duration = duration_s if duration_s and duration_s > 0 else self.default_duration_s
+        return (watch_seconds or 0.0) / duration >= self.positive_fraction
 
     def event_value(
         self, action: str, watch_seconds: float | None, duration_s: float | None
