@@ -6,7 +6,10 @@ Layout of a model directory::
                          data summary, and a checksum of the manifest itself
     user_factors.npy     float32 (n_users, factors)
     item_factors.npy     float32 (n_items, factors)
-    user_rows.npz        CSR of each known user's row: indptr, indices, data
+    user_rows.npz        CSR of each known user's row in scipy's own sparse npz layout
+                         (``scipy.sparse.load_npz`` opens it): indptr, indices, data,
+                         shape, format=b"csr". Models written before this layout (the
+                         same arrays without ``format``) still load.
     users.parquet        user_id, in row order
     videos.parquet       video_id, duration_s, category, author_id, popularity, in row order
 
@@ -62,10 +65,27 @@ def _npy_bytes(array: np.ndarray[Any, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _npz_bytes(**arrays: np.ndarray[Any, Any]) -> bytes:
+def _csr_npz_bytes(rows: sp.csr_matrix) -> bytes:
+    """``rows`` as :func:`scipy.sparse.save_npz` writes it (uncompressed: the model loads
+    on every swap, and the checksum guards the bytes), values as float32; scipy picks
+    the index dtype (int32 while the row count allows)."""
+    csr = sp.csr_matrix((rows.data.astype(np.float32), rows.indices, rows.indptr), shape=rows.shape)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    sp.save_npz(buf, csr, compressed=False)
     return buf.getvalue()
+
+
+def _csr_from_npz(blob: bytes) -> sp.csr_matrix:
+    """Read ``user_rows.npz`` without unpickling: scipy's layout (a ``format`` entry) or
+    the older refold layout (the same ``indptr``/``indices``/``data``/``shape``)."""
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        if "format" in z.files:
+            fmt = z["format"].item()
+            fmt = fmt.decode("ascii") if isinstance(fmt, bytes) else str(fmt)
+            if fmt != "csr":
+                raise ValueError(f"user_rows.npz holds a {fmt!r} matrix, expected 'csr'")
+        shape = tuple(int(x) for x in z["shape"])
+        return sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -85,12 +105,7 @@ def model_files(model: Model) -> dict[str, bytes]:
     return {
         "user_factors.npy": _npy_bytes(np.ascontiguousarray(model.user_factors, np.float32)),
         "item_factors.npy": _npy_bytes(np.ascontiguousarray(model.item_factors, np.float32)),
-        "user_rows.npz": _npz_bytes(
-            indptr=rows.indptr.astype(np.int64),
-            indices=rows.indices.astype(np.int32),
-            data=rows.data.astype(np.float32),
-            shape=np.array(rows.shape, dtype=np.int64),
-        ),
+        "user_rows.npz": _csr_npz_bytes(rows),
         "users.parquet": _parquet_bytes(pa.table({"user_id": pa.array(list(model.users.ids))})),
         "videos.parquet": _parquet_bytes(
             pa.table(
@@ -215,9 +230,7 @@ def load_model(path: Path) -> Model:
     try:
         user_factors = np.load(io.BytesIO(blobs["user_factors.npy"]), allow_pickle=False)
         item_factors = np.load(io.BytesIO(blobs["item_factors.npy"]), allow_pickle=False)
-        with np.load(io.BytesIO(blobs["user_rows.npz"]), allow_pickle=False) as z:
-            shape = tuple(int(x) for x in z["shape"])
-            rows = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
+        rows = _csr_from_npz(blobs["user_rows.npz"])
         users = pq.read_table(io.BytesIO(blobs["users.parquet"]))
         videos = pq.read_table(io.BytesIO(blobs["videos.parquet"]))
     except (ValueError, OSError, KeyError, pa.ArrowException) as exc:
