@@ -8,8 +8,12 @@ model directory (trained with :func:`worker.train.bootstrap`), and a user is
 folded in exactly, as the streaming worker does, through
 :class:`worker.core.engine.Recommender`. No broker is involved.
 
-The seed's README showed two snippets; they run as written (only the paths
-and video ids depend on your data).
+The seed's README showed two snippets; they run as written, paths aside (README.md,
+"The seed's notebook", shows them; tests/unit/test_notebook.py runs that text). The
+seed kept ``ratings = {'like': 0, 'dislike': 0, 'neutral': 0}`` as running counts, and
+:func:`presicion_colab` on that dict gives likes over all rated videos. The two
+snippets below are the same workflow in refold's style (only the paths and video ids
+depend on your data).
 
 Snippet 1: load (or train) the model, rate a few videos, get 10 recommendations::
 
@@ -74,6 +78,7 @@ given ``session=``. Use :class:`Session` directly for several models at once.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -410,6 +415,28 @@ def _session(session: Session | None) -> Session:
 # ---- the seed's functions ------------------------------------------------------------------
 
 
+def _missing_paths_message(path: Path, caller_globals: Mapping[str, Any]) -> str:
+    """Why a missing model cannot be trained; names the keyword arguments to pass.
+
+    The seed's notebook kept ``logs_path`` and ``video_data_path`` as module globals
+    that its function read; here they must be passed, and the message says so.
+    """
+    found = [n for n in ("logs_path", "video_data_path", "videos_path") if n in caller_globals]
+    msg = (
+        f"model directory {path} does not exist, and no logs_path and videos_path were given "
+        "to train it from: call load_model_and_indices(model_path, logs_path=..., "
+        "videos_path=...)"
+    )
+    if found:
+        logs = "logs_path" if "logs_path" in found else "..."
+        vids = next((n for n in ("video_data_path", "videos_path") if n in found), "...")
+        msg += (
+            f". Your module defines {', '.join(found)} as globals; they are not read "
+            f"implicitly: pass logs_path={logs}, videos_path={vids}"
+        )
+    return msg
+
+
 def load_model_and_indices(
     model_path: str | Path,
     logs_path: str | Path | None = None,
@@ -438,10 +465,7 @@ def load_model_and_indices(
         model = load_model(path)
     else:
         if logs_path is None or videos_path is None:
-            raise ModelError(
-                f"model directory {path} does not exist, and no logs_path and videos_path "
-                "were given to train it from"
-            )
+            raise ModelError(_missing_paths_message(path, sys._getframe(1).f_globals))
         from worker.train import bootstrap  # training stack only when training
 
         model = bootstrap(
@@ -628,13 +652,37 @@ def _pick_layout(
 # ---- precision over feedback rounds --------------------------------------------------------
 
 
-def precision_colab(ratings: Iterable[Any]) -> float:
-    """Likes over shown videos, over all feedback rounds (the seed's ``presicion_colab``).
+def _is_counts(ratings: Mapping[Any, Any]) -> bool:
+    """``{"like": 3, "dislike": 1, "neutral": 2}``: the seed's running counts."""
+    return bool(ratings) and all(
+        isinstance(n, int | np.integer) and not isinstance(n, bool) for n in ratings.values()
+    )
 
-    ``ratings`` is either a list of rounds, each a ``{video_id: reaction}``
-    dict or a list of reactions, or one flat list of reactions. Every entry is
-    one shown video; only ``"like"`` counts as a hit. No shown video gives 0.0.
+
+def precision_colab(ratings: Iterable[Any] | Mapping[str, Any]) -> float:
+    """Likes over rated videos (the seed's ``presicion_colab``).
+
+    ``ratings`` is any of:
+
+    * the seed's running counts, ``{"like": n, "dislike": n, "neutral": n}``
+      (``"not_watched"`` may be counted too): likes over all of them;
+    * one round, ``{video_id: reaction}``;
+    * a list of rounds, each a ``{video_id: reaction}`` dict or a list of
+      reactions, or one flat list of reactions.
+
+    Every reaction is one shown and rated video; only ``"like"`` counts as a
+    hit. Nothing rated gives 0.0.
     """
+    if isinstance(ratings, Mapping):
+        if _is_counts(ratings):
+            counts = {normalise_reaction(k): 0 for k in ratings}
+            for reaction, n in ratings.items():
+                if n < 0:
+                    raise ValueError(f"a count must be >= 0, got {reaction!r}: {n}")
+                counts[normalise_reaction(reaction)] += int(n)
+            total = sum(counts.values())
+            return counts.get("like", 0) / total if total else 0.0
+        ratings = [ratings]  # one round of {video_id: reaction}
     likes = shown = 0
     for entry in ratings:
         if isinstance(entry, str):

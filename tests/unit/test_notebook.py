@@ -367,3 +367,111 @@ def test_preprocess_and_matrix_agree_with_ingest(data: dict[str, Path]) -> None:
         data["logs"], data["videos"], reactions_path=data["reactions"]
     )
     assert (with_reactions.matrix != matrix).nnz > 0
+
+
+# ---- the seed's README snippets, as written ------------------------------------------------
+#: The seed's two README snippets, verbatim (README.md shows the same text, checked in
+#: tests/unit/test_readme.py). The seed's style is kept: paths in module globals passed
+#: positionally, and ``ratings`` as running counts per reaction.
+SEED_SNIPPET_1 = """\
+from worker.notebook import load_model_and_indices, run_recommendation_system
+
+model_filepath = 'models/als_model'
+logs_path = 'data/logs.parquet'
+video_data_path = 'data/video_stat.parquet'
+
+model, user_to_index, video_to_index = load_model_and_indices(model_filepath, logs_path, video_data_path)
+
+initial_ratings = {'video_1': 'like', 'video_2': 'dislike', 'video_3': 'neutral'}
+watched_videos = ['video_1', 'video_2', 'video_3', 'video_4']
+user_id = 'new_user'
+
+recommendations = run_recommendation_system(initial_ratings, watched_videos, user_id)
+print("Recommendations:", recommendations)
+"""
+SEED_SNIPPET_2 = """\
+import random
+from worker.notebook import presicion_colab
+
+ratings = {'like': 0, 'dislike': 0, 'neutral': 0}
+for round_number in range(15):
+    recommendations = run_recommendation_system(initial_ratings, watched_videos, user_id)
+    for video_id in recommendations:
+        rating = random.choice(['like', 'dislike', 'neutral'])
+        ratings[rating] += 1
+        initial_ratings[video_id] = rating
+
+print("Precision:", presicion_colab(ratings))
+"""
+
+
+def _with_paths(code: str, paths: dict[str, Path]) -> str:
+    """The snippet with its quoted paths, and nothing else, replaced."""
+    for literal, path in paths.items():
+        assert code.count(f"'{literal}'") == 1, literal
+        code = code.replace(f"'{literal}'", repr(str(path)))
+    return code
+
+
+def test_seed_snippets_run_verbatim(data: dict[str, Path], tmp_path: Path) -> None:
+    printed: list[tuple[Any, ...]] = []
+    ns: dict[str, Any] = {"print": lambda *a, **k: printed.append(a)}
+    paths = {
+        "models/als_model": tmp_path / "als_model",  # missing: the snippet trains it
+        "data/logs.parquet": data["logs"],
+        "data/video_stat.parquet": data["videos"],
+    }
+    exec(compile(_with_paths(SEED_SNIPPET_1, paths), "seed-snippet-1", "exec"), ns)
+    assert (tmp_path / "als_model" / "manifest.json").is_file()
+    first = list(ns["recommendations"])
+    assert len(first) == 10 and len(set(first)) == 10
+    assert not set(first) & set(ns["watched_videos"])
+    assert printed[-1] == ("Recommendations:", ns["recommendations"])
+    before = set(ns["initial_ratings"])
+
+    random.seed(7)
+    exec(compile(SEED_SNIPPET_2, "seed-snippet-2", "exec"), ns)
+    ratings = ns["ratings"]
+    assert sum(ratings.values()) == 150  # 15 rounds of 10 videos
+    rated = set(ns["initial_ratings"]) - before
+    assert len(rated) == 150  # each round showed 10 videos not shown before
+    # Precision is likes over all rated videos, from the running counts as the seed kept them.
+    want = ratings["like"] / (ratings["like"] + ratings["dislike"] + ratings["neutral"])
+    assert 0 < ratings["like"] < 150
+    assert want != pytest.approx(1 / 3)  # what iterating the dict's three keys would give
+    assert printed[-1] == ("Precision:", pytest.approx(want))
+    per_video = Counter(ns["initial_ratings"][v] for v in rated)
+    assert dict(per_video) == {k: n for k, n in ratings.items() if n}
+
+
+def test_seed_globals_style_names_the_keyword_arguments(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    """The seed's notebook read ``logs_path``/``video_data_path`` as globals; refold asks
+    for them as arguments, and says so when a model must be trained."""
+    ns: dict[str, Any] = {"__name__": "seed_notebook"}
+    code = (
+        "from worker.notebook import load_model_and_indices\n"
+        f"logs_path = {str(data['logs'])!r}\n"
+        f"video_data_path = {str(data['videos'])!r}\n"
+        f"model_filepath = {str(tmp_path / 'missing')!r}\n"
+        "load_model_and_indices(model_filepath)\n"
+    )
+    with pytest.raises(ModelError) as info:
+        exec(compile(code, "seed-globals", "exec"), ns)
+    msg = str(info.value)
+    assert "logs_path=logs_path" in msg and "videos_path=video_data_path" in msg
+    assert "globals" in msg
+    assert not (tmp_path / "missing").exists()  # nothing trained from a guess
+
+
+def test_precision_colab_on_running_counts() -> None:
+    assert nb.presicion_colab({"like": 6, "dislike": 2, "neutral": 4}) == pytest.approx(6 / 12)
+    assert nb.presicion_colab({"like": 0, "dislike": 0, "neutral": 0}) == 0.0
+    assert nb.presicion_colab({"like": 3, "dislike": 1, "neutral": 0}) == pytest.approx(3 / 4)
+    # one round as a {video_id: reaction} dict is still a round, not counts
+    assert nb.presicion_colab({"v1": "like", "v2": "dislike"}) == pytest.approx(1 / 2)
+    with pytest.raises(ValueError, match="unknown reaction"):
+        nb.presicion_colab({"love": 3})
+    with pytest.raises(ValueError, match=">= 0"):
+        nb.presicion_colab({"like": -1, "dislike": 2})
