@@ -331,3 +331,113 @@ def test_interactions_missing_column(tmp_path: Path) -> None:
     src = _write(tmp_path / "e.csv", "u,i,t\n1,2,3\n")
     with pytest.raises(DataError, match="missing columns"):
         convert_interactions(src, tmp_path / "out", user_col="u", item_col="item", time_col="t")
+
+
+# Taobao UserBehavior.csv as published: no header row; user, item, category, behavior type
+# (pv, cart, fav, buy), epoch seconds.
+TAOBAO_CSV = (
+    "1,2268318,2520377,pv,1511544070\n"
+    "1,2333346,2520771,pv,1511561733\n"
+    "1,2576651,149192,fav,1511572885\n"
+    "100,2268318,2520377,cart,1511601234\n"
+    "100,2268318,2520377,buy,1511604321\n"
+    "1000014,4022701,4756105,pv,1511693012\n"
+)
+TAOBAO_ARGS = [
+    "--names", "user,item,category,behavior,time",
+    "--user", "user", "--item", "item", "--time", "time",
+    "--value", "behavior", "--category", "category",
+]  # fmt: skip
+
+
+def test_cli_converts_taobao_without_an_event_map(tmp_path: Path) -> None:
+    from worker.cli import main
+
+    src = _write(tmp_path / "UserBehavior.csv", TAOBAO_CSV)
+    out = tmp_path / "out"
+    assert main(["convert", "interactions", str(src), "--out", str(out), *TAOBAO_ARGS]) == 0
+    _assert_schemas(out)
+    logs, videos, reactions = _read(out)
+    assert len(logs) == 6 and set(logs["viewer_uid"]) == {"1", "100", "1000014"}
+    keys = logs["rutube_video_id"] + "/" + logs["viewer_uid"]
+    watch = dict(zip(keys, logs["total_watchtime"], strict=True))
+    assert watch["2333346/1"] == round(0.25 * DEFAULT_DURATION_S)  # pv: a page view
+    assert watch["2576651/1"] == round(0.6 * DEFAULT_DURATION_S)  # fav: saved
+    assert sorted(reactions["action"]) == ["like", "neutral", "neutral"]  # buy, cart, fav
+    assert logs["event_timestamp"].min() == pd.Timestamp(1511544070, unit="s", tz="UTC")
+    cats = dict(zip(videos["video_id"], videos["category"], strict=True))
+    assert cats["2268318"] == "2520377" and cats["4022701"] == "4756105"
+
+
+def test_cli_converts_retailrocket_events(tmp_path: Path) -> None:
+    from worker.cli import main
+
+    src = _write(
+        tmp_path / "events.csv",
+        "timestamp,visitorid,event,itemid,transactionid\n"
+        "1433221332117,257597,view,355908,\n"
+        "1433221999827,111016,addtocart,318965,\n"
+        "1433222147345,111016,transaction,318965,4000\n",
+    )
+    out = tmp_path / "out"
+    args = ["--user", "visitorid", "--item", "itemid", "--time", "timestamp", "--value", "event"]
+    assert main(["convert", "interactions", str(src), "--out", str(out), *args]) == 0
+    logs, _, reactions = _read(out)
+    assert len(logs) == 3 and sorted(reactions["action"]) == ["like", "neutral"]
+
+
+def test_cli_unknown_event_type_names_the_flag(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker.cli import main
+
+    src = _write(tmp_path / "e.csv", "u,i,t,e\n1,2,100,teleport\n1,3,101,view\n")
+    base = ["convert", "interactions", str(src), "--out", str(tmp_path / "out")]
+    base += ["--user", "u", "--item", "i", "--time", "t", "--value", "e"]
+    assert main(base) == 1
+    assert "--event-map" in caplog.text and "teleport" in caplog.text
+    assert "event_map=" not in caplog.text  # the Python keyword means nothing to a CLI user
+    assert not (tmp_path / "out" / "logs.parquet").exists()
+
+    assert main([*base, "--event-map", "teleport=0.8:like"]) == 0
+    logs, _, reactions = _read(tmp_path / "out")
+    assert reactions["action"].tolist() == ["like"]
+    assert sorted(logs["total_watchtime"]) == [
+        round(0.25 * DEFAULT_DURATION_S),  # view: still the built-in meaning
+        round(0.8 * DEFAULT_DURATION_S),
+    ]
+
+
+def test_event_map_forms() -> None:
+    from worker.eval.convert import parse_event_map
+
+    assert parse_event_map("pv=0.1, buy=1:like,fav=0.5:neutral") == {
+        "pv": (0.1, None),
+        "buy": (1.0, "like"),
+        "fav": (0.5, "neutral"),
+    }
+    for bad, match in (
+        ("pv", "TYPE=FRACTION"),
+        ("pv=lots", "not a number"),
+        ("pv=1.5", r"not in \[0, 1\]"),
+        ("pv=0.5:love", "reaction 'love'"),
+    ):
+        with pytest.raises(DataError, match=match):
+            parse_event_map(bad)
+
+
+def test_event_map_json_file(tmp_path: Path) -> None:
+    from worker.eval.convert import parse_event_map
+
+    good = _write(tmp_path / "map.json", '{"pv": [0.1, null], "buy": [1.0, "like"], "x": 0.3}')
+    assert parse_event_map(f"@{good}") == {
+        "pv": (0.1, None),
+        "buy": (1.0, "like"),
+        "x": (0.3, None),
+    }
+    with pytest.raises(DataError, match="not JSON"):
+        parse_event_map("@" + str(_write(tmp_path / "bad.json", "{pv: 1}")))
+    with pytest.raises(DataError, match="cannot read"):
+        parse_event_map(f"@{tmp_path / 'missing.json'}")
+    with pytest.raises(DataError, match="expected"):
+        parse_event_map("@" + str(_write(tmp_path / "odd.json", '{"pv": "high"}')))

@@ -197,16 +197,31 @@ def cmd_convert_movielens(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_interactions(args: argparse.Namespace) -> int:
-    from worker.eval.convert import convert_interactions
+    from worker.errors import DataError
+    from worker.eval.convert import UnknownEventTypeError, convert_interactions, parse_event_map
 
-    summary = convert_interactions(
-        Path(args.path),
-        Path(args.out),
-        user_col=args.user,
-        item_col=args.item,
-        time_col=args.time,
-        value_col=args.value,
-    )
+    event_map = parse_event_map(args.event_map) if args.event_map else None
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    try:
+        summary = convert_interactions(
+            Path(args.path),
+            Path(args.out),
+            user_col=args.user,
+            item_col=args.item,
+            time_col=args.time,
+            value_col=args.value,
+            category_col=args.category,
+            event_map=event_map,
+            names=names,
+        )
+    except UnknownEventTypeError as exc:
+        example = ",".join(f"{t}=0.5" for t in exc.types[:3])
+        raise DataError(
+            f"{args.path}: unknown event types in --value {args.value!r}: {exc.types[:10]}; "
+            f"say what each means with --event-map TYPE=FRACTION[:REACTION],... "
+            f"(for example --event-map {example}; REACTION is like, neutral or dislike) "
+            "or --event-map @map.json"
+        ) from None
     print(json.dumps(summary, default=str))
     return 0
 
@@ -310,4 +325,18 @@ def add_commands(sub: Any) -> None:
     c.add_argument("--item", required=True, help="item id column")
     c.add_argument("--time", required=True, help="timestamp column")
     c.add_argument("--value", help="value or event-type column (optional)")
+    c.add_argument("--category", help="item category column (optional)")
+    c.add_argument(
+        "--names",
+        help="comma-separated column names of a CSV without a header row "
+        "(Taobao UserBehavior.csv: user,item,category,behavior,time)",
+    )
+    c.add_argument(
+        "--event-map",
+        metavar="TYPE=FRACTION[:REACTION],...|@FILE.json",
+        help="what each event type of --value means: the watched fraction in [0, 1] and an "
+        "optional reaction (like, neutral, dislike); extends the built-in map, which knows "
+        "Taobao (pv, cart, fav, buy) and RetailRocket (view, addtocart, transaction). "
+        '@FILE.json: {"TYPE": [FRACTION, REACTION or null], ...}',
+    )
     c.set_defaults(func=cmd_convert_interactions)

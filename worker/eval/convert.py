@@ -49,9 +49,10 @@ set and per-item counters are kept.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,9 +123,17 @@ _YEAR_IN_TITLE = re.compile(r"\((\d{4})[-–]?\d{0,4}\)\s*$")
 #: Keys are normalised: lower case, letters and digits only ("add_to_cart" → "addtocart").
 #: A product/page view is a short look (a quarter of a watch); adding to a cart or
 #: a wishlist is interest without commitment (neutral); buying is a like.
+#: Two public e-commerce logs convert with no map at all:
+#: Taobao UserBehavior (``pv``, ``cart``, ``fav``, ``buy``) and RetailRocket events.csv
+#: (``view``, ``addtocart``, ``transaction``). Taobao's ``pv`` is RetailRocket's ``view``
+#: (a page view: 0.25), ``fav`` (favourite) is its wishlist (0.6, neutral: saved, not
+#: bought), ``cart`` is ``addtocart`` and ``buy`` is ``transaction`` (1.0, like: the
+#: strongest signal either log has). Views are not 0: on both logs they are ~90 % of the
+#: rows and most of what is known about a user.
 DEFAULT_EVENT_MAP: dict[str, tuple[float, str | None]] = {
     "view": (0.25, None),
     "pageview": (0.25, None),
+    "pv": (0.25, None),
     "click": (0.25, None),
     "impression": (0.0, None),
     "addtocart": (0.6, "neutral"),
@@ -132,6 +141,7 @@ DEFAULT_EVENT_MAP: dict[str, tuple[float, str | None]] = {
     "addtowishlist": (0.6, "neutral"),
     "wishlist": (0.6, "neutral"),
     "favorite": (0.6, "neutral"),
+    "fav": (0.6, "neutral"),
     "transaction": (1.0, "like"),
     "purchase": (1.0, "like"),
     "buy": (1.0, "like"),
@@ -142,6 +152,67 @@ DEFAULT_EVENT_MAP: dict[str, tuple[float, str | None]] = {
     "removefromcart": (0.0, None),
 }
 _ACTIONS = ("like", "neutral", "dislike")
+
+
+class UnknownEventTypeError(DataError):
+    """Event types of the value column that the event map does not know."""
+
+    def __init__(self, message: str, *, types: list[str]) -> None:
+        super().__init__(message)
+        self.types = types
+
+
+def _event_entry(name: str, fraction: object, reaction: object) -> tuple[float, str | None]:
+    try:
+        value = float(fraction)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DataError(f"event map {name!r}: fraction {fraction!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise DataError(f"event map {name!r}: fraction {value} is not in [0, 1]")
+    if reaction in (None, "", "none"):
+        return value, None
+    if reaction not in _ACTIONS:
+        raise DataError(f"event map {name!r}: reaction {reaction!r} not in {_ACTIONS}")
+    return value, str(reaction)
+
+
+def parse_event_map(text: str) -> dict[str, tuple[float, str | None]]:
+    """The ``--event-map`` value: ``TYPE=FRACTION[:REACTION],...`` or ``@file.json``.
+
+    The JSON file is an object ``{"TYPE": [FRACTION, REACTION or null], ...}`` (a bare
+    number is a fraction without a reaction). Entries extend and override
+    :data:`DEFAULT_EVENT_MAP` (see :func:`convert_interactions`).
+    """
+    out: dict[str, tuple[float, str | None]] = {}
+    if text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise DataError(f"--event-map {text}: cannot read ({exc})") from None
+        except ValueError as exc:
+            raise DataError(f"--event-map {text}: not JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise DataError(f"--event-map {text}: expected an object of TYPE: [FRACTION, REACTION]")
+        for name, entry in raw.items():
+            if isinstance(entry, list) and len(entry) in (1, 2):
+                out[str(name)] = _event_entry(name, entry[0], entry[1] if len(entry) > 1 else None)
+            elif isinstance(entry, int | float) and not isinstance(entry, bool):
+                out[str(name)] = _event_entry(name, entry, None)
+            else:
+                raise DataError(
+                    f"--event-map {text}: {name!r} is {entry!r}; expected [FRACTION, REACTION|null]"
+                )
+        return out
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, eq, rest = item.partition("=")
+        if not eq or not name.strip():
+            raise DataError(f"--event-map: {item!r} is not TYPE=FRACTION[:REACTION]")
+        fraction, _, reaction = rest.partition(":")
+        out[name.strip()] = _event_entry(name.strip(), fraction.strip(), reaction.strip() or None)
+    return out
 
 
 def reaction_of_rating(
@@ -509,8 +580,13 @@ def _parse_time(col: pd.Series, unit: str) -> tuple[pd.Series, str]:
         raise DataError(f"unparseable time values ({exc})") from None
 
 
-def _read_table(path: Path, columns: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """Chunks of ``columns`` from a Parquet file or a CSV/TSV file (optionally compressed)."""
+def _read_table(
+    path: Path, columns: list[str], chunk_rows: int, names: Sequence[str] | None = None
+) -> Iterator[pd.DataFrame]:
+    """Chunks of ``columns`` from a Parquet file or a CSV/TSV file (optionally compressed).
+
+    ``names``: the column names of a CSV without a header row (Taobao's UserBehavior.csv).
+    """
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix.lower() in (".parquet", ".pq"):
@@ -527,15 +603,19 @@ def _read_table(path: Path, columns: list[str], chunk_rows: int) -> Iterator[pd.
         return
     stem = path.name.lower().removesuffix(".gz").removesuffix(".bz2").removesuffix(".zst")
     sep = "\t" if stem.endswith(".tsv") else ","
-    try:
-        header = pd.read_csv(path, sep=sep, nrows=0).columns.tolist()
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: unreadable CSV ({exc})") from None
+    if names is not None:
+        header = list(names)
+    else:
+        try:
+            header = pd.read_csv(path, sep=sep, nrows=0).columns.tolist()
+        except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: unreadable CSV ({exc})") from None
     missing = [c for c in columns if c not in header]
     if missing:
         raise DataError(f"{path}: missing columns {missing}; has {header}")
+    extra: dict[str, Any] = {"header": None, "names": header} if names is not None else {}
     try:
-        yield from pd.read_csv(path, sep=sep, usecols=columns, chunksize=chunk_rows)
+        yield from pd.read_csv(path, sep=sep, usecols=columns, chunksize=chunk_rows, **extra)
     except (ValueError, pd.errors.ParserError) as exc:
         raise DataError(f"{path}: unreadable CSV ({exc})") from None
 
@@ -554,6 +634,7 @@ def convert_interactions(
     time_unit: str = "auto",
     duration_s: int = DEFAULT_DURATION_S,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Convert a generic interaction table (CSV, TSV or Parquet) to the Rutube layout.
 
@@ -571,8 +652,13 @@ def convert_interactions(
       ``event_map`` (default :data:`DEFAULT_EVENT_MAP`): ``view``/``click`` →
       fraction 0.25; ``addtocart``/``wishlist`` → 0.6 and a ``neutral``
       reaction; ``transaction``/``purchase``/``buy``/``order`` → 1.0 and a
-      ``like``; ``dislike`` → 0 and a ``dislike``. An event type missing from
-      the map raises :class:`~worker.errors.DataError` naming it.
+      ``like``; ``dislike`` → 0 and a ``dislike``; Taobao's ``pv``/``cart``/
+      ``fav``/``buy`` and RetailRocket's ``view``/``addtocart``/``transaction``
+      are known. ``event_map`` entries extend and override the default map. An
+      event type missing from the map raises :class:`UnknownEventTypeError`
+      (a :class:`~worker.errors.DataError`) naming it.
+
+    ``names`` gives the column names of a CSV file without a header row.
 
     ``time_col`` holds epoch numbers (seconds, ms, µs or ns, told apart by
     magnitude unless ``time_unit`` says) or date strings. Ids are kept as
@@ -582,7 +668,7 @@ def convert_interactions(
     Returns the same summary as :func:`convert_movielens`.
     """
     path = Path(path)
-    events = {_normalise_event(k): v for k, v in (event_map or DEFAULT_EVENT_MAP).items()}
+    events = {_normalise_event(k): v for k, v in {**DEFAULT_EVENT_MAP, **(event_map or {})}.items()}
     for name, (_, reaction) in events.items():
         if reaction is not None and reaction not in _ACTIONS:
             raise DataError(f"event_map[{name!r}]: reaction {reaction!r} not in {_ACTIONS}")
@@ -594,7 +680,7 @@ def convert_interactions(
     scale = value_scale
     if value_col is not None and scale is None:
         top = 0.0
-        for df in _read_table(path, [value_col], chunk_rows):
+        for df in _read_table(path, [value_col], chunk_rows, names):
             col = df[value_col]
             if not pd.api.types.is_numeric_dtype(col):
                 break  # event types: no scale needed
@@ -605,7 +691,7 @@ def convert_interactions(
     def chunks() -> Iterator[tuple[pd.Series, pd.Series, pd.Series, npt.NDArray[np.floating], Any]]:
         unit = time_unit
         mode: str | None = None
-        for df in _read_table(path, columns, chunk_rows):
+        for df in _read_table(path, columns, chunk_rows, names):
             df = df.dropna(subset=[user_col, item_col, time_col])
             if df.empty:
                 continue
@@ -652,9 +738,10 @@ def _map_events(
     keys = col.map(_normalise_event)
     unknown = sorted(set(keys.unique()) - set(events))
     if unknown:
-        raise DataError(
+        raise UnknownEventTypeError(
             f"{path}: unknown event types in {value_col!r}: {unknown[:10]}; "
-            "pass event_map={type: (watch_fraction, reaction or None)}"
+            "pass event_map={type: (watch_fraction, reaction or None)}",
+            types=unknown,
         )
     fraction = keys.map(lambda k: events[k][0]).to_numpy(dtype=np.float64)
     action = keys.map(lambda k: events[k][1]).to_numpy(dtype=object)
