@@ -169,6 +169,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     opts.foldin_inprocess = not args.no_inprocess_check
     opts.check_every = args.check_every
     opts.durable = args.durable
+    opts.workers = args.workers
+    opts.partitions = args.partitions
     opts.threads = args.threads
     if args.simulate_users > 0:
         opts.simulation = _simulate_options(args, args.simulate_users, prefix="sim-")
@@ -278,6 +280,19 @@ def add_commands(sub: Any) -> None:
         help="check every n-th live list against the in-process engine (10)",
     )
     p.add_argument("--durable", action="store_true", help="run the worker with its changelog")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes in one consumer group (1); events are sent once the group is "
+        "stable, every worker owning a partition",
+    )
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        help="partitions of the replay's topics (default: one per worker)",
+    )
     p.add_argument("--threads", type=int, default=0, help="ALS threads of the retrains (0: all)")
     p.add_argument(
         "--simulate-users",

@@ -62,6 +62,7 @@ import glob
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -169,6 +170,8 @@ _CLOSE_S = 30.0
 _COLLECT_POLL_MS = 50
 #: The wire's limit on a video title (VideoEvent.title).
 _MAX_TITLE_CHARS = 1000
+#: The worker's log lines on a group assignment change (worker.loop, on_assigned/on_revoked).
+_ASSIGNMENT_LINE = re.compile(r"partitions \[([\d, ]*)\] (assigned|revoked)")
 
 
 class ReplayError(RefoldError):
@@ -923,12 +926,22 @@ class LiveList:
 
 
 class LiveWorker:
-    """A broker, fresh topics, a ``refold worker`` subprocess, a producer and a list collector.
+    """A broker, fresh topics, ``refold worker`` subprocesses, a producer and a list collector.
 
     Use as a context manager. The broker is the embedded Tansu one unless
     ``bootstrap_servers`` names a running one; topics get a unique prefix, so a
-    shared broker is fine. The worker runs with the ordinary CLI, so this is the
+    shared broker is fine. The workers run with the ordinary CLI, so this is the
     same code path as production (``durable=False`` skips the changelog for speed).
+
+    ``workers`` processes join one consumer group on topics of ``partitions``
+    partitions (default: one per worker). The harness sends nothing until the
+    group is stable, every worker owning at least one partition (read from the
+    workers' ``partitions [...] assigned/revoked`` log lines: the embedded broker
+    answers DescribeGroups with no members), and then one probe user per
+    partition, sent to that partition, so that every partition's owner has
+    published a list. Lists are keyed by user and a user's partition belongs to
+    one worker at a time, so the collector reads every partition of the
+    recommendations topic and needs no notion of which worker wrote a list.
     """
 
     def __init__(
@@ -941,7 +954,17 @@ class LiveWorker:
         durable: bool = False,
         startup_timeout_s: float = 180.0,
         extra_env: dict[str, str] | None = None,
+        workers: int = 1,
+        partitions: int | None = None,
     ) -> None:
+        if workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {workers}")
+        self.partitions = workers if partitions is None else partitions
+        if self.partitions < workers:
+            raise ConfigError(
+                f"{workers} workers need at least as many partitions, got {self.partitions}"
+            )
+        self.workers = workers
         self.model_dir = model_dir
         self.probe_video = probe_video
         self.given_servers = bootstrap_servers
@@ -965,10 +988,14 @@ class LiveWorker:
         self._stop = threading.Event()
         self._topic_ready = threading.Event()
         self._broker: Any = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._procs: list[subprocess.Popen[bytes]] = []
         self._thread: threading.Thread | None = None
         self._collector_error: BaseException | None = None
-        self._log_file: Any = None
+        self._log_files: list[Any] = []
+        self._log_dir: tempfile.TemporaryDirectory[str] | None = None
+        self.log_paths: list[Path | None] = []
+        #: Probe events sent at start-up (one per partition); lists reflect them too.
+        self.probes = 0
         self.producer: Any = None
         self.bootstrap_servers = ""
 
@@ -991,7 +1018,7 @@ class LiveWorker:
         self.close()
 
     def _start(self) -> None:
-        from worker.kafkaio import Publisher, make_producer
+        from worker.kafkaio import Publisher, ensure_topics, make_producer
 
         if self.given_servers:
             self.bootstrap_servers = self.given_servers
@@ -1001,6 +1028,21 @@ class LiveWorker:
             self._broker = TansuBroker().start()
             self.bootstrap_servers = self._broker.bootstrap_servers
         kafka = KafkaSettings(bootstrap_servers=self.bootstrap_servers)
+        t = self.topics
+        # Created here with every worker's partition count, before any worker starts
+        # (each worker would otherwise create them with its default of one partition).
+        ensure_topics(
+            kafka,
+            {
+                t.ratings: self.partitions,
+                t.recommendations: self.partitions,
+                t.changelog: self.partitions,
+                t.dlq: 1,
+                t.videos: 1,
+                t.control: 1,
+            },
+            compacted={t.changelog, t.videos, t.control},
+        )
         pkg_root = str(Path(__file__).resolve().parents[2])
         env = {
             **os.environ,
@@ -1013,38 +1055,93 @@ class LiveWorker:
             "PYTHONPATH": os.pathsep.join(
                 [pkg_root, *filter(None, [os.environ.get("PYTHONPATH")])]
             ),
-            **{f"REFOLD_TOPIC_{k.upper()}": v for k, v in self.topics.model_dump().items()},
+            **{f"REFOLD_TOPIC_{k.upper()}": v for k, v in t.model_dump().items()},
             **self.extra_env,
         }
-        self._log_file = (
-            open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
-            if self.log_path
-            else subprocess.DEVNULL
-        )
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "worker"],
-            env=env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
+        self.log_paths = self._worker_log_paths()
+        for i, path in enumerate(self.log_paths):
+            log_file = (
+                open(path, "ab")  # noqa: SIM115 - closed in close()
+                if path is not None
+                else subprocess.DEVNULL
+            )
+            self._log_files.append(log_file)
+            self._procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "worker", "worker"],
+                    env={**env, "REFOLD_CLIENT_ID": f"{self.group}-{i}"},
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         self._thread = threading.Thread(target=self._collect, name="replay-collector", daemon=True)
         self._thread.start()
         self._wait(self._topic_ready.is_set, self.startup_timeout_s, "the worker's topics")
+        if self.workers > 1:
+            self._wait(
+                self._group_stable,
+                self.startup_timeout_s,
+                f"a stable group of {self.workers} workers",
+            )
         self.producer = Publisher(make_producer(kafka))
-        probe = RatingEvent(
-            event_id=f"probe-{uuid.uuid4().hex}",
-            user_id=PROBE_USER,
-            video_id=self.probe_video,
-            action="view",
-            watch_seconds=0.0,
-            ts=datetime.now(timezone.utc),
-        )
-        self.send(probe)
+        now = datetime.now(timezone.utc)
+        probes = [
+            RatingEvent(
+                event_id=f"probe-{uuid.uuid4().hex}",
+                user_id=PROBE_USER if p == 0 else f"{PROBE_USER}{p}",
+                video_id=self.probe_video,
+                action="view",
+                watch_seconds=0.0,
+                ts=now,
+            )
+            for p in range(self.partitions)
+        ]
+        for p, probe in enumerate(probes):
+            self.producer.send(
+                t.ratings, key=probe.user_id.encode("utf-8"), value=encode(probe), partition=p
+            )
         self.flush()
+        self.probes = len(probes)
         self._wait(
-            lambda: probe.event_id in self.list_of_event,
+            lambda: all(p.event_id in self.list_of_event for p in probes),
             self.startup_timeout_s,
-            "the worker's first list (group join)",
+            "the workers' first lists (group join)",
+        )
+
+    def _worker_log_paths(self) -> list[Path | None]:
+        """One log per worker: ``log_path`` itself for one worker, ``stem.i.suffix`` for more.
+
+        Several workers always log (to a temporary directory without ``log_path``): the
+        group's readiness is read from their logs.
+        """
+        if self.workers == 1:
+            return [self.log_path]
+        base = self.log_path
+        if base is None:
+            self._log_dir = tempfile.TemporaryDirectory(prefix="refold-eval-logs-")
+            base = Path(self._log_dir.name) / "worker.log"
+        return [base.with_name(f"{base.stem}.{i}{base.suffix}") for i in range(self.workers)]
+
+    def owned_partitions(self) -> list[set[int]]:
+        """The partitions each worker owns now, from its ``assigned``/``revoked`` log lines."""
+        out: list[set[int]] = []
+        for path in self.log_paths:
+            owned: set[int] = set()
+            text = path.read_text(errors="replace") if path is not None and path.exists() else ""
+            for m in _ASSIGNMENT_LINE.finditer(text):
+                parts = {int(x) for x in m.group(1).split(",") if x.strip()}
+                owned = owned | parts if m.group(2) == "assigned" else owned - parts
+            out.append(owned)
+        return out
+
+    def _group_stable(self) -> bool:
+        """Every worker owns a partition, no partition twice, every partition once."""
+        owned = self.owned_partitions()
+        union: set[int] = set().union(*owned)
+        return (
+            all(owned)
+            and sum(map(len, owned)) == len(union)
+            and union == set(range(self.partitions))
         )
 
     def close(self) -> None:
@@ -1053,32 +1150,48 @@ class LiveWorker:
             with contextlib.suppress(Exception):
                 self.producer.close(timeout_s=_CLOSE_S)
             self.producer = None
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
+        running = [p for p in self._procs if p.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)  # all at once: they stop in parallel
+        for proc in running:
             try:
-                self._proc.wait(timeout=_WORKER_STOP_S)
+                proc.wait(timeout=_WORKER_STOP_S)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=_CLOSE_S)
+                proc.kill()
+                proc.wait(timeout=_CLOSE_S)
+        self._procs = []
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=_CLOSE_S)
             self._thread = None
-        if self._log_file not in (None, subprocess.DEVNULL):
-            self._log_file.close()
-            self._log_file = None
+        for log_file in self._log_files:
+            if log_file is not subprocess.DEVNULL:
+                log_file.close()
+        self._log_files = []
+        if self._log_dir is not None:
+            self._log_dir.cleanup()
+            self._log_dir = None
         if self._broker is not None:
             self._broker.stop()
             self._broker = None
 
     @property
     def worker_exit_code(self) -> int | None:
-        return None if self._proc is None else self._proc.poll()
+        """The exit code of the first worker that has exited, or None while all run."""
+        for proc in self._procs:
+            code = proc.poll()
+            if code is not None:
+                return code
+        return None
 
     def log_tail(self, lines: int = 40) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        tails = []
+        for i, path in enumerate(self.log_paths):
+            if path is None or not path.exists():
+                continue
+            tail = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+            tails.append(tail if len(self.log_paths) == 1 else f"-- worker {i} --\n{tail}")
+        return "\n".join(tails)
 
     # ---- the collector -----------------------------------------------------------------------
 
@@ -1295,8 +1408,13 @@ def replay_live(
     durable: bool,
     stall_s: float,
     progress: bool,
+    workers: int = 1,
+    partitions: int | None = None,
 ) -> LiveResult:
-    """Send events ``[split, end)`` to a live worker; collect one request per published list."""
+    """Send events ``[split, end)`` to live workers; collect one request per published list.
+
+    ``workers`` processes share one consumer group (see :class:`LiveWorker`).
+    """
     n = end - split
     send_s = np.full(n, np.nan)
     announced: set[str] = set()
@@ -1308,6 +1426,8 @@ def replay_live(
         bootstrap_servers=bootstrap_servers,
         log_path=log_path,
         durable=durable,
+        workers=workers,
+        partitions=partitions,
     ) as live:
         started = time.monotonic()
         worker_startup_s = started - t_start
@@ -1326,8 +1446,10 @@ def replay_live(
             except ValueError:
                 skipped += 1  # an id the wire rejects (too long, control characters)
                 continue
-            if sent - live.reflected() + 1 >= max_in_flight:
-                live.wait_reflected(sent + 2 - max_in_flight, stall_s=stall_s, what="the worker")
+            if sent + live.probes - live.reflected() >= max_in_flight:  # events in flight
+                live.wait_reflected(
+                    sent + live.probes + 1 - max_in_flight, stall_s=stall_s, what="the worker"
+                )
             if rate > 0:
                 lag = started + sent / rate - time.monotonic()
                 if lag > 0:
@@ -1336,7 +1458,7 @@ def replay_live(
             sent += 1
             bar.update(1)
         live.flush()
-        live.wait_reflected(sent + 1, stall_s=stall_s, what="the last lists")  # +1: the probe
+        live.wait_reflected(sent + live.probes, stall_s=stall_s, what="the last lists")
         bar.close()
         wall = time.monotonic() - started
         lists = list(live.lists)
@@ -1671,6 +1793,8 @@ class ReplayOptions:
     foldin_inprocess: bool = True
     check_every: int = 10
     durable: bool = False
+    workers: int = 1  # worker processes in one consumer group
+    partitions: int | None = None  # of the replay's topics; None: one per worker
     stall_s: float = 120.0
     duration_unit: str = "auto"
     factors: int | None = None
@@ -1873,6 +1997,8 @@ def _replay(opts: ReplayOptions, prep: Prepared) -> tuple[dict[str, Any], F64 | 
             durable=opts.durable,
             stall_s=opts.stall_s,
             progress=opts.progress,
+            workers=opts.workers,
+            partitions=opts.partitions,
         )
         timings["live_replay_s"] = time.monotonic() - t0
         requests = live.requests
@@ -1971,6 +2097,8 @@ def _replay(opts: ReplayOptions, prep: Prepared) -> tuple[dict[str, Any], F64 | 
             "max_in_flight": opts.max_in_flight,
             "rate": opts.rate,
             "durable": opts.durable,
+            "workers": opts.workers,
+            "partitions": opts.partitions or opts.workers,
             "seed": opts.seed,
             "weights": {
                 "view": weights.view,
@@ -2087,7 +2215,25 @@ def _replay(opts: ReplayOptions, prep: Prepared) -> tuple[dict[str, Any], F64 | 
             "events_per_s": live.events_per_s,
             "worker_startup_s": live.worker_startup_s,
             "broker": opts.bootstrap_servers or "embedded Tansu",
+            "workers": opts.workers,
         }
+        cold = [q for q, r in enumerate(requests) if r.strategy == "popular"]
+        if cold and POPULARITY in lists:
+            same = [lists[FOLDIN][q] == lists[POPULARITY][q] for q in cold]
+            common = [
+                len(set(lists[FOLDIN][q]) & set(lists[POPULARITY][q]))
+                / max(1, len(lists[FOLDIN][q]), len(lists[POPULARITY][q]))
+                for q in cold
+            ]
+            report["cold_start"] = {
+                "lists": len(cold),
+                "identical_to_popularity": float(np.mean(same)),
+                "overlap_at_10_with_popularity": float(np.mean(common)),
+                "definition": "the live workers' cold-start lists (strategy popular) against "
+                "the popularity variant's list at the same request point (time-decayed "
+                "positive events up to that point, the user's seen videos filtered): the "
+                "share of identical lists and the mean share of videos in common",
+            }
         if checked is not None:
             every = max(1, opts.check_every)
             pairs = [(lists[FOLDIN][q], checked[q]) for q in range(0, len(requests), every)]
