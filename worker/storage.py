@@ -134,12 +134,7 @@ def save_model(model: Model, out: Path, *, data_summary: dict[str, Any] | None =
         "format_version": FORMAT_VERSION,
         "version": model.version,
         "created_at": datetime.now(timezone.utc).isoformat(),
-        "params": {
-            "factors": model.params.factors,
-            "regularization": model.params.regularization,
-            "alpha": model.params.alpha,
-            "iterations": model.params.iterations,
-        },
+        "params": model.params.to_dict(),
         "shapes": {
             "user_factors": list(model.user_factors.shape),
             "item_factors": list(model.item_factors.shape),
@@ -236,12 +231,11 @@ def load_model(path: Path) -> Model:
     except (ValueError, OSError, KeyError, pa.ArrowException) as exc:
         raise ModelError(f"{path}: unreadable model file ({exc})") from None
     p = manifest["params"]
-    params = AlsParams(
-        factors=int(p["factors"]),
-        regularization=float(p["regularization"]),
-        alpha=float(p["alpha"]),
-        iterations=int(p.get("iterations", 0)),
-    )
+    try:
+        # Old model directories lack the newer keys: they load with the defaults.
+        params = AlsParams.from_dict({"iterations": 0, **p}, strict=False)
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{path}: bad params in manifest.json ({exc})") from None
     n_users, n_items = user_factors.shape[0], item_factors.shape[0]
     if (
         rows.shape != (n_users, n_items)

@@ -34,6 +34,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from worker.core.als import Confidence, confidence
 from worker.core.ids import IdMap
 from worker.core.model import AlsParams, Model, VideoMeta
 from worker.core.scoring import Weights
@@ -98,6 +99,21 @@ def _to_numpy(factors: Any) -> F32:
     return np.ascontiguousarray(factors, dtype=np.float32)
 
 
+def implicit_input(matrix: sp.csr_matrix, params: AlsParams) -> tuple[sp.csr_matrix, float]:
+    """The matrix and alpha to give implicit so that its solve is :func:`fold_in`'s.
+
+    implicit's confidence is ``alpha * value``; the ``"implicit"`` mode passes the values
+    through. Any other mode passes the confidences themselves
+    (:func:`worker.core.als.confidence`) with ``alpha = 1``, so both sides compute the
+    same numbers (no ``(1 + a v) / a * a`` rounding).
+    """
+    if params.confidence == "implicit":
+        return matrix, params.alpha
+    out = matrix.tocsr(copy=True)
+    out.data = confidence(out.data, params.alpha, params.confidence).astype(np.float32)
+    return out, 1.0
+
+
 def train_factors(
     matrix: sp.csr_matrix,
     params: AlsParams,
@@ -114,12 +130,13 @@ def train_factors(
     implicit's ``num_threads`` (0: every core).
     """
     on_gpu = use_gpu(gpu)
+    matrix, alpha = implicit_input(matrix, params)
     # implicit checks the BLAS threads when the model is built: build it inside the limit.
     with threadpool_limits(1, "blas"):
         model = implicit.als.AlternatingLeastSquares(
             factors=params.factors,
             regularization=params.regularization,
-            alpha=params.alpha,
+            alpha=alpha,
             iterations=params.iterations,
             use_gpu=on_gpu,
             num_threads=threads,
@@ -139,11 +156,12 @@ def solve_users(
     implicit's Cholesky ``recalculate_user`` on the CPU: the normal equations of
     :func:`worker.core.als.fold_in` (agreement within float32 rounding), in parallel.
     """
+    matrix, alpha = implicit_input(matrix, params)
     with threadpool_limits(1, "blas"):
         solver = implicit.cpu.als.AlternatingLeastSquares(
             factors=params.factors,
             regularization=params.regularization,
-            alpha=params.alpha,
+            alpha=alpha,
             num_threads=threads,
         )
         solver.item_factors = np.ascontiguousarray(item_factors, dtype=np.float32)
@@ -213,6 +231,7 @@ def bootstrap(
     iterations: int = DEFAULT_ITERATIONS,
     regularization: float = DEFAULT_REGULARIZATION,
     alpha: float = DEFAULT_ALPHA,
+    confidence: Confidence = "implicit",
     batch_size: int = 1_000_000,
     threads: int = 0,
     gpu: GpuMode = "auto",
@@ -249,7 +268,11 @@ def bootstrap(
     )
     data = drop_invalid_ids(data)
     params = AlsParams(
-        factors=factors, regularization=regularization, alpha=alpha, iterations=iterations
+        factors=factors,
+        regularization=regularization,
+        alpha=alpha,
+        iterations=iterations,
+        confidence=confidence,
     )
     log.info(
         "fitting ALS on %d users x %d videos (%d values), %s",

@@ -7,7 +7,15 @@ import pytest
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
-from worker.core.als import ItemIndex, fold_in, fold_in_reference, gramian, top_k, top_k_reference
+from worker.core.als import (
+    ItemIndex,
+    confidence,
+    fold_in,
+    fold_in_reference,
+    gramian,
+    top_k,
+    top_k_reference,
+)
 
 
 def _rows(rng: np.random.Generator, n_rows: int, n_items: int, max_len: int):
@@ -201,3 +209,49 @@ def test_fold_in_does_not_depend_on_the_batch():
     batch = fold_in(y, g, rows, regularization=1.0, alpha=3.0)
     alone = np.stack([fold_in(y, g, [r], regularization=1.0, alpha=3.0)[0] for r in rows])
     np.testing.assert_array_equal(batch, alone)
+
+
+@pytest.mark.parametrize("max_len", [3, 40, 150])
+def test_one_plus_fold_in_matches_reference(max_len: int):
+    """c = sign(v)(1 + alpha|v|): both solve paths against np.linalg.solve."""
+    rng = np.random.default_rng(100 + max_len)
+    y = (rng.standard_normal((400, 64)) * 0.2).astype(np.float32)
+    rows = _rows(rng, 90, 400, max_len)
+    kw = {"regularization": 0.5, "alpha": 0.3, "confidence_mode": "one_plus"}
+    fast = fold_in(y, gramian(y), rows, **kw)  # type: ignore[arg-type]
+    slow = fold_in_reference(y, rows, **kw)  # type: ignore[arg-type]
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+    # It is a different solve from the implicit mode (alpha * |v| < 1 is common here).
+    other = fold_in(y, gramian(y), rows, regularization=0.5, alpha=0.3)
+    assert not np.allclose(fast, other, atol=1e-3)
+
+
+def test_one_plus_observed_items_never_weigh_less_than_unobserved():
+    v = np.array([0.01, 0.5, -0.2, 0.0, 3.0])
+    c = confidence(v, 0.5, "one_plus")
+    np.testing.assert_allclose(c, [1.005, 1.25, -1.1, 0.0, 2.5])
+    assert (np.abs(c[v != 0]) - 1 >= 0).all()
+    assert (np.abs(confidence(v, 0.5, "implicit")[v != 0]) - 1 < 0).any()
+    with pytest.raises(ValueError, match="confidence"):
+        confidence(v, 1.0, "bm25")  # type: ignore[arg-type]
+
+
+def test_one_plus_fold_in_matches_implicit_given_confidences():
+    """implicit, given the confidences and alpha 1, solves the same equations (bootstrap)."""
+    rng = np.random.default_rng(8)
+    y = (rng.standard_normal((50, 5)) * 0.5).astype(np.float32)
+    rows = _rows(rng, 30, 50, 12)
+    csr = sp.csr_matrix(
+        (
+            np.concatenate([v for _, v in rows]),
+            (np.concatenate([np.full(len(c), u) for u, (c, _) in enumerate(rows)]),
+             np.concatenate([c for c, _ in rows])),
+        ),
+        shape=(30, 50), dtype=np.float32,
+    )  # fmt: skip
+    csr.data = confidence(csr.data, 0.4, "one_plus").astype(np.float32)
+    als = AlternatingLeastSquares(factors=5, regularization=0.2, alpha=1.0)
+    als.item_factors = y
+    want = als.recalculate_user(np.arange(30), csr)
+    got = fold_in(y, gramian(y), rows, regularization=0.2, alpha=0.4, confidence_mode="one_plus")
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)

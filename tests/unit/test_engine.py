@@ -615,3 +615,27 @@ def test_replayed_events_republish_the_list_but_change_nothing():
     assert again.changed_users == [] and eng.users["u1"].row == row
     assert [r.user_id for r in again.recommendations] == ["u1"]
     assert again.recommendations[0].payload == first.recommendations[0].payload
+
+
+def test_refresh_ranks_with_factors_solved_against_the_refit_new_videos():
+    """Issue 15 item 3: after a refresh that refits a new video, the touched user's
+    factors are the exact fold-in against the refit item vectors, not the old ones."""
+    eng = Recommender(make_model())
+    idx = eng.register_video(
+        VideoEvent(
+            video_id="fresh", duration_seconds=60, category="cat1", author_id="a1", published_at=NOW
+        )
+    )
+    eng.apply(ev("a", "u1", "fresh", "like"))
+    eng.apply(ev("b", "u2", "fresh", "like"))
+    prior = eng.catalog.factors[idx].copy()
+    eng.recommend(["u1", "u2"])
+    assert not np.allclose(eng.catalog.factors[idx], prior)  # refit
+    p = eng.model.params
+    for u in ("u1", "u2"):
+        st = eng.users[u]
+        cols = np.array(list(st.row), dtype=np.int64)
+        vals = np.array(list(st.row.values()), dtype=np.float32)
+        y = eng.catalog.factors
+        want = fold_in(y, y.T @ y, [(cols, vals)], regularization=p.regularization, alpha=p.alpha)
+        np.testing.assert_allclose(st.factors, want[0], rtol=1e-4, atol=1e-6)

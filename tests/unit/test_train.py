@@ -267,3 +267,49 @@ def test_codes_of_equals_a_first_appearance_loop() -> None:
     assert codes_of(as_dictionary)[0].tolist() == want and codes_of(as_dictionary)[1] == names
     empty_codes, empty_names = codes_of(pa.chunked_array([], pa.string()))
     assert empty_codes.tolist() == [] and empty_names == []
+
+
+def test_one_plus_bootstrap_stores_the_exact_fold_in_and_its_params(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "m"
+    bootstrap(
+        data_dir / "logs.parquet",
+        data_dir / "video_stat.parquet",
+        out,
+        reactions=data_dir / "reactions.parquet",
+        alpha=0.5,
+        confidence="one_plus",
+        **PARAMS,  # type: ignore[arg-type]
+    )
+    model = load_model(out)
+    assert model.params.confidence == "one_plus" and model.params.alpha == 0.5
+    rows = [model.row_of(u) for u in range(model.n_users)]
+    want = fold_in(
+        model.item_factors,
+        gramian(model.item_factors),
+        rows,
+        regularization=model.params.regularization,
+        alpha=0.5,
+        confidence_mode="one_plus",
+    )
+    err = np.linalg.norm(model.user_factors - want, axis=1) / np.maximum(
+        np.linalg.norm(want, axis=1), 1e-12
+    )
+    assert err.max() < 1e-3
+    implicit_mode = fold_in(
+        model.item_factors, gramian(model.item_factors), rows,
+        regularization=model.params.regularization, alpha=0.5,
+    )  # fmt: skip
+    assert not np.allclose(model.user_factors, implicit_mode, atol=1e-3)
+
+
+def test_params_from_dict_defaults_and_unknown_keys() -> None:
+    p = AlsParams.from_dict({"factors": 4, "regularization": 0.1, "alpha": 2})
+    assert p == AlsParams(factors=4, regularization=0.1, alpha=2.0)
+    assert AlsParams.from_dict(p.to_dict()) == p
+    with pytest.raises(ValueError, match=r"unknown AlsParams key.*bogus"):
+        AlsParams.from_dict({**p.to_dict(), "bogus": 1})
+    assert AlsParams.from_dict({**p.to_dict(), "bogus": 1}, strict=False) == p
+    with pytest.raises(ValueError, match="confidence"):
+        AlsParams.from_dict({**p.to_dict(), "confidence": "bm25"})

@@ -1,8 +1,9 @@
 """ALS model math: exact fold-in of user (or item) factors and batched top-k.
 
-Fold-in solves, for every touched user ``u`` with row ``r_u`` and
-``c = alpha * r_u``, the ALS normal equations exactly as implicit's
-``recalculate_user`` (``_als._least_squares``) does::
+Fold-in solves, for every touched user ``u`` with row ``r_u`` and confidence
+``c`` (:func:`confidence`: ``alpha * r_u`` in the ``"implicit"`` mode,
+``sign(r_u) * (1 + alpha * |r_u|)`` in the ``"one_plus"`` mode), the ALS normal
+equations exactly as implicit's ``recalculate_user`` (``_als._least_squares``) does::
 
     A_u = YᵀY + λI + Σ_{i∈row} (|c_ui| − 1) y_i y_iᵀ
     b_u = Σ_{i∈row, c_ui>0} c_ui y_i
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +31,32 @@ I32 = npt.NDArray[np.int32]
 
 #: A sparse row: (column indices, values).
 Row = tuple[npt.NDArray[np.integer], npt.NDArray[np.floating]]
+
+#: How a row value becomes a confidence. ``"implicit"``: ``c = alpha * v`` (implicit's own
+#: convention; an observed item with ``alpha * v < 1`` then weighs *less* than an unobserved
+#: one, weight ``|c| - 1 < 0``). ``"one_plus"``: ``c = sign(v) * (1 + alpha * |v|)``, so every
+#: observed item weighs at least as much as an unobserved one (Hu, Koren & Volinsky).
+Confidence = Literal["implicit", "one_plus"]
+CONFIDENCES: tuple[Confidence, ...] = ("implicit", "one_plus")
+
+
+def confidence(
+    values: npt.NDArray[np.floating], alpha: float, mode: Confidence = "implicit"
+) -> npt.NDArray[np.float64]:
+    """Signed confidences of row values (positive: preference 1, negative: preference 0).
+
+    A value of 0 (padding) stays 0 in both modes. implicit, given these confidences as
+    its matrix and ``alpha = 1``, solves the same normal equations as :func:`fold_in`.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if mode == "implicit":
+        out: npt.NDArray[np.float64] = alpha * v
+        return out
+    if mode == "one_plus":
+        out = np.sign(v) * (1.0 + alpha * np.abs(v))
+        return out
+    raise ValueError(f"unknown confidence mode {mode!r}; expected one of {CONFIDENCES}")
+
 
 # Rows are padded to the longest row of a group; grouping rows of similar length
 # keeps the padding (and so the wasted multiply-adds) small.
@@ -48,6 +76,7 @@ def fold_in(
     *,
     regularization: float,
     alpha: float,
+    confidence_mode: Confidence = "implicit",
 ) -> F32:
     """Exact ALS solve for each row against fixed ``factors``; batched solves.
 
@@ -78,7 +107,7 @@ def fold_in(
             m = len(cols)
             idx[j, :m] = cols
             conf[j, :m] = vals
-        conf *= alpha
+        conf = confidence(conf, alpha, confidence_mode)
         y = factors[idx].astype(np.float64)  # (g, width, f); padding has conf 0 -> weight 0
         pad = np.arange(width)[None, :] >= lengths[group][:, None]
         weight = np.where(pad, 0.0, np.abs(conf) - 1.0)
@@ -169,6 +198,7 @@ def fold_in_reference(
     *,
     regularization: float,
     alpha: float,
+    confidence_mode: Confidence = "implicit",
 ) -> F32:
     """Slow reference: builds each normal equation with explicit loops and ``np.linalg.solve``."""
     f = factors.shape[1]
@@ -178,7 +208,10 @@ def fold_in_reference(
         a = y64.T @ y64 + regularization * np.eye(f)
         b = np.zeros(f)
         for i, v in zip(cols, vals, strict=True):
-            c = alpha * float(v)
+            if confidence_mode == "one_plus":
+                c = (1.0 if v > 0 else -1.0 if v < 0 else 0.0) * (1.0 + alpha * abs(float(v)))
+            else:
+                c = alpha * float(v)
             yi = y64[int(i)]
             if c > 0:
                 b += c * yi

@@ -220,6 +220,7 @@ class Catalog:
             rows,
             regularization=self.params.regularization,
             alpha=self.params.alpha,
+            confidence_mode=self.params.confidence,
         )
         for i, vec in zip(todo, solved, strict=True):
             self._set_factor(i, vec)

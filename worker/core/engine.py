@@ -222,8 +222,17 @@ class Recommender:
     def refresh(self, user_ids: Iterable[str]) -> None:
         """Fold in every stale user among ``user_ids`` in one batched solve.
 
-        New videos those users touched are then refit from everyone who interacted
-        with them (item-side fold-in).
+        Order: the stale users are folded in, the new videos they touched are refit
+        (item-side fold-in) from everyone who interacted with them, and then the stale
+        users whose rows hold one of those videos are folded in *again*, against the
+        refit vectors. So every list is ranked with user factors solved against the item
+        vectors it is scored with (issue 15).
+
+        Why not refit first: the refit needs the interactors' factors, and the touched
+        users' are stale (their rows just changed), so they must be solved once before
+        the refit can use their new interaction; refitting from their previous factors
+        would drop the event that made them stale. The second solve is one more ALS
+        half-step for users touching new videos only (one batched solve).
         """
         stale = [u for u in dict.fromkeys(user_ids) if self.state_of(u).factors is None]
         self._fold_in(stale)
@@ -235,6 +244,7 @@ class Recommender:
         self._fold_in([u for u in interactors if self.state_of(u).factors is None])
         factor_of = {k: self.users[u].factors for k, u in zip(keys, interactors, strict=True)}
         self.catalog.refit_new_items(sorted(new_items), factor_of, self._user_gram)  # type: ignore[arg-type]
+        self._fold_in([u for u in stale if any(i in new_items for i in self.users[u].row)])
 
     def _fold_in(self, user_ids: Sequence[str]) -> None:
         if not user_ids:
@@ -245,6 +255,7 @@ class Recommender:
             [row_arrays(self.users[u].row) for u in user_ids],
             regularization=self.model.params.regularization,
             alpha=self.model.params.alpha,
+            confidence_mode=self.model.params.confidence,
         )
         for u, vec in zip(user_ids, solved, strict=True):
             self.users[u].factors = vec

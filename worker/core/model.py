@@ -6,13 +6,14 @@ changed rows) live in :mod:`worker.core.catalog` and :mod:`worker.core.state`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
+from worker.core.als import Confidence
 from worker.core.ids import IdMap
 
 F32 = npt.NDArray[np.float32]
@@ -26,6 +27,40 @@ class AlsParams:
     regularization: float
     alpha: float
     iterations: int = 15
+    #: How row values become confidences (see :func:`worker.core.als.confidence`); models
+    #: saved before this setting existed load as ``"implicit"``, what they were trained with.
+    confidence: Confidence = "implicit"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> AlsParams:
+        """Params from a JSON object. Missing keys take their defaults (``factors``,
+        ``regularization`` and ``alpha`` have none); an unknown key is a ``ValueError``
+        when ``strict`` (a ``--params`` file), ignored otherwise (a newer model's manifest).
+        """
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown and strict:
+            raise ValueError(
+                f"unknown AlsParams key(s) {', '.join(unknown)}; known: {', '.join(known)}"
+            )
+        kinds: dict[str, Any] = {
+            "factors": int,
+            "iterations": int,
+            "regularization": float,
+            "alpha": float,
+            "confidence": str,
+        }
+        values = {k: kinds[k](v) for k, v in data.items() if k in known}
+        missing = [k for k in ("factors", "regularization", "alpha") if k not in values]
+        if missing:
+            raise ValueError(f"AlsParams missing {', '.join(missing)}")
+        conf = values.get("confidence", "implicit")
+        if conf not in ("implicit", "one_plus"):
+            raise ValueError(f"confidence must be 'implicit' or 'one_plus', got {conf!r}")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
