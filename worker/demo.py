@@ -8,7 +8,8 @@
    user's held-out ground truth (like / dislike / neutral; a video the user
    never watched is sent as a zero-second view, an impression), and send the
    answers as rating events;
-5. print every round and the final precision (likes over shown videos).
+5. print every round and the final precision (likes over shown videos), beside the
+   precision of the most-popular list for the same user, rounds and answers.
 
 Everything it starts is stopped before it exits.
 """
@@ -74,6 +75,32 @@ def _prepare(work: Path, seed: int) -> tuple[Path, str, dict[str, str]]:
         progress=False,
     )
     return model, user, truth
+
+
+def popularity_rounds(
+    popular: list[str], initial: list[str], held: dict[str, str], rounds: int, k: int = 10
+) -> list[dict[str, str]]:
+    """The baseline beside refold's session: each round shows the ``k`` most popular videos
+    not yet rated or shown, answered from the same held-out truth as refold's lists."""
+    rng = np.random.default_rng(0)  # answer_for's "truth" policy draws nothing
+    seen = set(initial)
+    remaining = (v for v in popular if v not in seen)
+    out: list[dict[str, str]] = []
+    for _ in range(rounds):
+        shown = [v for _, v in zip(range(k), remaining, strict=False)]
+        if not shown:
+            break
+        out.append({v: answer_for(v, held, "truth", rng) for v in shown})
+    return out
+
+
+def _popular_ids(model_dir: Path) -> list[str]:
+    """The bootstrap model's videos, most popular first (the worker's cold-start order)."""
+    from worker.storage import load_model
+
+    model = load_model(model_dir)
+    order = np.argsort(-model.videos.popularity.astype(np.float64), kind="stable")
+    return [model.items.id_of(int(i)) for i in order]
 
 
 def _next_list(consumer, user: str, want_event: str, deadline: float):  # type: ignore[no-untyped-def]
@@ -149,7 +176,11 @@ def run(work: Path, seed: int) -> float:
                 n_likes = sum(a == "like" for a in answers.values())
                 print(f"round {rnd:2d} [{recs.strategy}] likes {n_likes}/10  {shown}")
             precision = precision_colab(rounds)
+            baseline = precision_colab(
+                popularity_rounds(_popular_ids(model), initial, held, ROUNDS)
+            )
             print(f"final precision (likes / shown over {ROUNDS} rounds): {precision:.3f}")
+            print(f"most-popular list, same user, rounds and answers: {baseline:.3f}")
             producer.close()
         finally:
             if consumer is not None:
@@ -161,7 +192,16 @@ def run(work: Path, seed: int) -> float:
                 worker.kill()
                 code = worker.wait()
         print(f"worker exited with {code}; total {time.monotonic() - started:.1f}s")
-    print(json.dumps({"precision": round(precision, 4), "rounds": ROUNDS, "user": user}))
+    print(
+        json.dumps(
+            {
+                "precision": round(precision, 4),
+                "popularity_precision": round(baseline, 4),
+                "rounds": ROUNDS,
+                "user": user,
+            }
+        )
+    )
     return precision
 
 

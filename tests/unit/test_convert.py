@@ -409,7 +409,7 @@ def test_cli_unknown_event_type_names_the_flag(
 
 
 def test_event_map_forms() -> None:
-    from worker.eval.convert import parse_event_map
+    from worker.eval.event_map import parse_event_map
 
     assert parse_event_map("pv=0.1, buy=1:like,fav=0.5:neutral") == {
         "pv": (0.1, None),
@@ -427,7 +427,7 @@ def test_event_map_forms() -> None:
 
 
 def test_event_map_json_file(tmp_path: Path) -> None:
-    from worker.eval.convert import parse_event_map
+    from worker.eval.event_map import parse_event_map
 
     good = _write(tmp_path / "map.json", '{"pv": [0.1, null], "buy": [1.0, "like"], "x": 0.3}')
     assert parse_event_map(f"@{good}") == {

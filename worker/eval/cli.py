@@ -198,7 +198,8 @@ def cmd_convert_movielens(args: argparse.Namespace) -> int:
 
 def cmd_convert_interactions(args: argparse.Namespace) -> int:
     from worker.errors import DataError
-    from worker.eval.convert import UnknownEventTypeError, convert_interactions, parse_event_map
+    from worker.eval.convert import convert_interactions
+    from worker.eval.event_map import UnknownEventTypeError, parse_event_map
 
     event_map = parse_event_map(args.event_map) if args.event_map else None
     names = [n.strip() for n in args.names.split(",")] if args.names else None

@@ -49,7 +49,6 @@ set and per-item counters are kept.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -65,6 +64,12 @@ import pyarrow.parquet as pq
 
 from worker.data.synth import LOGS_SCHEMA, REACTIONS_SCHEMA
 from worker.errors import DataError
+from worker.eval.event_map import (
+    ACTIONS,
+    DEFAULT_EVENT_MAP,
+    map_events,
+    normalise_event,
+)
 
 #: Length given to every converted item, in seconds. The sources have no
 #: durations; 100 minutes is a typical feature film, and only the ratio
@@ -119,101 +124,6 @@ UNKNOWN_CATEGORY = "unknown"
 _NO_GENRES = {"(no genres listed)", "unknown", ""}
 _YEAR_IN_TITLE = re.compile(r"\((\d{4})[-–]?\d{0,4}\)\s*$")
 
-#: Event type → (watch fraction, reaction or None) for :func:`convert_interactions`.
-#: Keys are normalised: lower case, letters and digits only ("add_to_cart" → "addtocart").
-#: A product/page view is a short look (a quarter of a watch); adding to a cart or
-#: a wishlist is interest without commitment (neutral); buying is a like.
-#: Two public e-commerce logs convert with no map at all:
-#: Taobao UserBehavior (``pv``, ``cart``, ``fav``, ``buy``) and RetailRocket events.csv
-#: (``view``, ``addtocart``, ``transaction``). Taobao's ``pv`` is RetailRocket's ``view``
-#: (a page view: 0.25), ``fav`` (favourite) is its wishlist (0.6, neutral: saved, not
-#: bought), ``cart`` is ``addtocart`` and ``buy`` is ``transaction`` (1.0, like: the
-#: strongest signal either log has). Views are not 0: on both logs they are ~90 % of the
-#: rows and most of what is known about a user.
-DEFAULT_EVENT_MAP: dict[str, tuple[float, str | None]] = {
-    "view": (0.25, None),
-    "pageview": (0.25, None),
-    "pv": (0.25, None),
-    "click": (0.25, None),
-    "impression": (0.0, None),
-    "addtocart": (0.6, "neutral"),
-    "cart": (0.6, "neutral"),
-    "addtowishlist": (0.6, "neutral"),
-    "wishlist": (0.6, "neutral"),
-    "favorite": (0.6, "neutral"),
-    "fav": (0.6, "neutral"),
-    "transaction": (1.0, "like"),
-    "purchase": (1.0, "like"),
-    "buy": (1.0, "like"),
-    "order": (1.0, "like"),
-    "like": (1.0, "like"),
-    "neutral": (0.5, "neutral"),
-    "dislike": (0.0, "dislike"),
-    "removefromcart": (0.0, None),
-}
-_ACTIONS = ("like", "neutral", "dislike")
-
-
-class UnknownEventTypeError(DataError):
-    """Event types of the value column that the event map does not know."""
-
-    def __init__(self, message: str, *, types: list[str]) -> None:
-        super().__init__(message)
-        self.types = types
-
-
-def _event_entry(name: str, fraction: object, reaction: object) -> tuple[float, str | None]:
-    try:
-        value = float(fraction)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise DataError(f"event map {name!r}: fraction {fraction!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise DataError(f"event map {name!r}: fraction {value} is not in [0, 1]")
-    if reaction in (None, "", "none"):
-        return value, None
-    if reaction not in _ACTIONS:
-        raise DataError(f"event map {name!r}: reaction {reaction!r} not in {_ACTIONS}")
-    return value, str(reaction)
-
-
-def parse_event_map(text: str) -> dict[str, tuple[float, str | None]]:
-    """The ``--event-map`` value: ``TYPE=FRACTION[:REACTION],...`` or ``@file.json``.
-
-    The JSON file is an object ``{"TYPE": [FRACTION, REACTION or null], ...}`` (a bare
-    number is a fraction without a reaction). Entries extend and override
-    :data:`DEFAULT_EVENT_MAP` (see :func:`convert_interactions`).
-    """
-    out: dict[str, tuple[float, str | None]] = {}
-    if text.startswith("@"):
-        path = Path(text[1:])
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise DataError(f"--event-map {text}: cannot read ({exc})") from None
-        except ValueError as exc:
-            raise DataError(f"--event-map {text}: not JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise DataError(f"--event-map {text}: expected an object of TYPE: [FRACTION, REACTION]")
-        for name, entry in raw.items():
-            if isinstance(entry, list) and len(entry) in (1, 2):
-                out[str(name)] = _event_entry(name, entry[0], entry[1] if len(entry) > 1 else None)
-            elif isinstance(entry, int | float) and not isinstance(entry, bool):
-                out[str(name)] = _event_entry(name, entry, None)
-            else:
-                raise DataError(
-                    f"--event-map {text}: {name!r} is {entry!r}; expected [FRACTION, REACTION|null]"
-                )
-        return out
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        name, eq, rest = item.partition("=")
-        if not eq or not name.strip():
-            raise DataError(f"--event-map: {item!r} is not TYPE=FRACTION[:REACTION]")
-        fraction, _, reaction = rest.partition(":")
-        out[name.strip()] = _event_entry(name.strip(), fraction.strip(), reaction.strip() or None)
-    return out
-
 
 def reaction_of_rating(
     rating: npt.NDArray[np.floating] | pd.Series,
@@ -246,7 +156,7 @@ class _Writer:
     likes: pd.Series = field(default_factory=lambda: pd.Series(dtype=np.int64))
     dislikes: pd.Series = field(default_factory=lambda: pd.Series(dtype=np.int64))
     first_seen: pd.Series = field(default_factory=lambda: pd.Series(dtype="datetime64[us, UTC]"))
-    actions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_ACTIONS, 0))
+    actions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ACTIONS, 0))
     n_rows: int = 0
     n_views: int = 0
     t_min: pd.Timestamp | None = None
@@ -560,10 +470,6 @@ def convert_movielens(
 # ---- generic interactions -----------------------------------------------------------------
 
 
-def _normalise_event(value: object) -> str:
-    return re.sub(r"[^a-z0-9]", "", str(value).lower())
-
-
 def _parse_time(col: pd.Series, unit: str) -> tuple[pd.Series, str]:
     """UTC timestamps from epoch numbers (unit detected from magnitude) or date strings."""
     if pd.api.types.is_datetime64_any_dtype(col):
@@ -668,10 +574,10 @@ def convert_interactions(
     Returns the same summary as :func:`convert_movielens`.
     """
     path = Path(path)
-    events = {_normalise_event(k): v for k, v in {**DEFAULT_EVENT_MAP, **(event_map or {})}.items()}
+    events = {normalise_event(k): v for k, v in {**DEFAULT_EVENT_MAP, **(event_map or {})}.items()}
     for name, (_, reaction) in events.items():
-        if reaction is not None and reaction not in _ACTIONS:
-            raise DataError(f"event_map[{name!r}]: reaction {reaction!r} not in {_ACTIONS}")
+        if reaction is not None and reaction not in ACTIONS:
+            raise DataError(f"event_map[{name!r}]: reaction {reaction!r} not in {ACTIONS}")
     columns = list(
         dict.fromkeys(c for c in (user_col, item_col, time_col, value_col, category_col) if c)
     )
@@ -711,7 +617,7 @@ def convert_interactions(
                     values = col.to_numpy(dtype=np.float64)
                     fraction = np.clip(np.nan_to_num(values, nan=0.0) / (scale or 1.0), 0.0, 1.0)
                 else:
-                    fraction, action = _map_events(col, events, path, value_col)
+                    fraction, action = map_events(col, events, path, value_col)
             if category_col is not None:
                 cats = df[category_col].reset_index(drop=True)
                 for it, cat in zip(item, cats, strict=True):
@@ -727,22 +633,3 @@ def convert_interactions(
     if value_col is not None:
         summary["value_scale"] = scale
     return summary
-
-
-def _map_events(
-    col: pd.Series,
-    events: Mapping[str, tuple[float, str | None]],
-    path: Path,
-    value_col: str,
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.object_]]:
-    keys = col.map(_normalise_event)
-    unknown = sorted(set(keys.unique()) - set(events))
-    if unknown:
-        raise UnknownEventTypeError(
-            f"{path}: unknown event types in {value_col!r}: {unknown[:10]}; "
-            "pass event_map={type: (watch_fraction, reaction or None)}",
-            types=unknown,
-        )
-    fraction = keys.map(lambda k: events[k][0]).to_numpy(dtype=np.float64)
-    action = keys.map(lambda k: events[k][1]).to_numpy(dtype=object)
-    return fraction, action
