@@ -238,7 +238,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from worker.data.ingest import ColumnMapping
+    from worker.data.layout import ColumnMapping
     from worker.train import bootstrap
 
     mapping = None

@@ -94,14 +94,14 @@ from worker.core.ids import IdMap
 from worker.core.model import Model
 from worker.core.scoring import Weights
 from worker.core.wire import TOP_K, RatingEvent
-from worker.data.ingest import (
+from worker.data.ingest import build_interactions
+from worker.data.layout import (
     LAYOUTS,
     MAX_WATCH_DURATIONS,
     MAX_WATCH_S,
     MS_DETECT_THRESHOLD,
     ColumnMapping,
     DurationUnit,
-    build_interactions,
 )
 from worker.errors import ConfigError, DataError, ModelError
 from worker.storage import load_model
@@ -581,7 +581,7 @@ def preprocess_logs_batch(
       ``total_watchtime``; ``video_id``, ``duration``) or the hackathon layout,
       detected from the names, with ``mapping`` overriding any of them;
     * ``duration_unit="auto"`` reads durations as milliseconds when their
-      median is above :data:`~worker.data.ingest.MS_DETECT_THRESHOLD`;
+      median is above :data:`~worker.data.layout.MS_DETECT_THRESHOLD`;
     * a row is dropped when its user or video id is null, its video is not in
       ``videos_df``, or its watch time is missing, ≤ 0, over a day or over ten
       times the duration (ingest counts these as skipped);

@@ -39,13 +39,8 @@ from worker.core.ids import IdMap
 from worker.core.model import AlsParams, Model, VideoMeta
 from worker.core.scoring import Weights
 from worker.core.wire import is_valid_id
-from worker.data.ingest import (
-    ColumnMapping,
-    DurationUnit,
-    Interactions,
-    PathSpec,
-    build_interactions,
-)
+from worker.data.ingest import Interactions, build_interactions
+from worker.data.layout import ColumnMapping, DurationUnit, PathSpec
 from worker.errors import ConfigError
 from worker.storage import read_manifest, save_model
 

@@ -16,13 +16,8 @@ import pytest
 from pydantic import ValidationError
 
 from worker.core.scoring import Weights
-from worker.data.ingest import (
-    MAX_WATCH_S,
-    ColumnMapping,
-    Interactions,
-    build_interactions,
-    resolve_paths,
-)
+from worker.data.ingest import Interactions, build_interactions
+from worker.data.layout import MAX_WATCH_S, ColumnMapping, resolve_paths
 from worker.data.synth import synthesize
 from worker.errors import DataError
 

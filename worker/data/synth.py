@@ -307,9 +307,6 @@ def synthesize(
     world = _World(np.random.default_rng(world_seq), users, videos)
     user_ids = _ids("u", users)
     video_ids = _ids("video_", videos)
-    regions = pa.array(_REGIONS)
-    devices = pa.array(_DEVICES)
-    actions = pa.array(["like", "dislike", "neutral"])
 
     logs_path = out / "logs.parquet"
     reactions_path = out / "reactions.parquet"
@@ -333,32 +330,10 @@ def synthesize(
             t1 = t_start + span_us * (i + 1) // n_chunks
             v = _views(world, rng, n, t0, t1 - t0)
             views_per_video += np.bincount(v["videos"], minlength=videos)
-            logs_w.write_table(
-                pa.table(
-                    {
-                        "event_timestamp": pa.array(v["ts"], pa.timestamp("us", tz="UTC")),
-                        "viewer_uid": user_ids.take(pa.array(v["users"])),
-                        "rutube_video_id": video_ids.take(pa.array(v["videos"])),
-                        "total_watchtime": pa.array(v["watch"], pa.int64()),
-                        "region": regions.take(pa.array(v["region"])),
-                        "ua_device_type": devices.take(pa.array(v["device"])),
-                    },
-                    schema=LOGS_SCHEMA,
-                ),
-                row_group_size=row_group_size,
-            )
+            logs_w.write_table(_logs_table(v, user_ids, video_ids), row_group_size=row_group_size)
             r = _reactions(rng, v)
             react_w.write_table(
-                pa.table(
-                    {
-                        "user_id": user_ids.take(pa.array(r["users"])),
-                        "video_id": video_ids.take(pa.array(r["videos"])),
-                        "action": actions.take(pa.array(r["action"])),
-                        "ts": pa.array(r["ts"], pa.timestamp("us", tz="UTC")),
-                    },
-                    schema=REACTIONS_SCHEMA,
-                ),
-                row_group_size=row_group_size,
+                _reactions_table(r, user_ids, video_ids), row_group_size=row_group_size
             )
             written += n
             reactions_written += len(r["users"])
@@ -366,6 +341,64 @@ def synthesize(
     bar.close()
 
     videos_path = out / "video_stat.parquet"
+    _write_video_stat(videos_path, world, video_ids, views_per_video, events, video_seq, t_start)
+    return {
+        "logs": str(logs_path),
+        "videos": str(videos_path),
+        "reactions": str(reactions_path),
+        "users": users,
+        "n_videos": videos,
+        "events": written,
+        "reactions_rows": reactions_written,
+        "days": days,
+        "seed": seed,
+        "row_group_size": row_group_size,
+        "categories": world.n_categories,
+        "authors": world.n_authors,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _logs_table(v: dict[str, Any], user_ids: pa.Array, video_ids: pa.Array) -> pa.Table:
+    """One chunk of views in the Rutube log layout."""
+    return pa.table(
+        {
+            "event_timestamp": pa.array(v["ts"], pa.timestamp("us", tz="UTC")),
+            "viewer_uid": user_ids.take(pa.array(v["users"])),
+            "rutube_video_id": video_ids.take(pa.array(v["videos"])),
+            "total_watchtime": pa.array(v["watch"], pa.int64()),
+            "region": pa.array(_REGIONS).take(pa.array(v["region"])),
+            "ua_device_type": pa.array(_DEVICES).take(pa.array(v["device"])),
+        },
+        schema=LOGS_SCHEMA,
+    )
+
+
+def _reactions_table(r: dict[str, Any], user_ids: pa.Array, video_ids: pa.Array) -> pa.Table:
+    """One chunk of reactions in the seed's layout."""
+    actions = pa.array(["like", "dislike", "neutral"])
+    return pa.table(
+        {
+            "user_id": user_ids.take(pa.array(r["users"])),
+            "video_id": video_ids.take(pa.array(r["videos"])),
+            "action": actions.take(pa.array(r["action"])),
+            "ts": pa.array(r["ts"], pa.timestamp("us", tz="UTC")),
+        },
+        schema=REACTIONS_SCHEMA,
+    )
+
+
+def _write_video_stat(
+    videos_path: Path,
+    world: _World,
+    video_ids: pa.Array,
+    views_per_video: npt.NDArray[np.int64],
+    events: int,
+    video_seq: np.random.SeedSequence,
+    t_start: int,
+) -> None:
+    """The video metadata: durations, categories, authors and site-wide counts."""
+    videos = len(video_ids)
     vrng = np.random.default_rng(video_seq)
     # Yearly views: this log's views plus a popularity-driven history.
     year_views = views_per_video + vrng.poisson(world.popularity * max(events, 1) * 10)
@@ -395,18 +428,3 @@ def synthesize(
         ),
         videos_path,
     )
-    return {
-        "logs": str(logs_path),
-        "videos": str(videos_path),
-        "reactions": str(reactions_path),
-        "users": users,
-        "n_videos": videos,
-        "events": written,
-        "reactions_rows": reactions_written,
-        "days": days,
-        "seed": seed,
-        "row_group_size": row_group_size,
-        "categories": world.n_categories,
-        "authors": world.n_authors,
-        "seconds": round(time.perf_counter() - started, 3),
-    }

@@ -87,7 +87,7 @@ def _data_options(args: argparse.Namespace) -> Any:
 
     mapping = None
     if args.columns:
-        from worker.data.ingest import ColumnMapping
+        from worker.data.layout import ColumnMapping
 
         text = Path(args.columns).read_text() if Path(args.columns).is_file() else args.columns
         mapping = ColumnMapping.model_validate_json(text)

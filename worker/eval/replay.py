@@ -100,7 +100,7 @@ from worker.core.wire import (
     decode_recommendations,
     encode,
 )
-from worker.data.ingest import MS_DETECT_THRESHOLD
+from worker.data.layout import MS_DETECT_THRESHOLD
 from worker.errors import ConfigError, DataError, DecodeError, RefoldError
 from worker.eval.metrics import (
     METRIC_DEFINITIONS,
@@ -299,7 +299,7 @@ def _timestamps_us(arr: pa.Array | pa.ChunkedArray) -> I64:
     return out
 
 
-#: Roles of each input, mapped to :class:`worker.data.ingest.ColumnMapping` fields.
+#: Roles of each input, mapped to :class:`worker.data.layout.ColumnMapping` fields.
 _LOG_ROLES = {
     "ts": "log_timestamp",
     "user": "log_user",
@@ -331,11 +331,11 @@ def resolve_columns(
 ) -> dict[str, str]:
     """``{role: column}`` for one file: the first known layout (seed, hackathon) that fits.
 
-    Layouts and overrides are :mod:`worker.data.ingest`'s (``LAYOUTS`` and a
+    Layouts and overrides are :mod:`worker.data.layout`'s (``LAYOUTS`` and a
     ``ColumnMapping``), so replay reads whatever ``refold bootstrap`` reads.
     Optional roles missing from the file are left out.
     """
-    from worker.data.ingest import LAYOUTS
+    from worker.data.layout import LAYOUTS
 
     names = set(pq.ParquetFile(path).schema_arrow.names)
     overrides = (
@@ -397,7 +397,7 @@ def load_events(
     (``event_timestamp``, ``viewer_uid``, ``rutube_video_id``,
     ``total_watchtime`` in seconds; videos ``video_id``, ``duration``,
     ``category``, ``author_id``), the RUTUBE hackathon layout, or a
-    :class:`worker.data.ingest.ColumnMapping`. Reactions: ``user_id``,
+    :class:`worker.data.layout.ColumnMapping`. Reactions: ``user_id``,
     ``video_id``, ``action`` (like/dislike/neutral), ``ts``. Replay needs the
     event time, which bootstrap does not. Other datasets: ``refold convert``.
     """
@@ -1819,7 +1819,7 @@ def train_split_model(table: EventTable, split: int, work: Path, opts: ReplayOpt
     not a timestamp, bootstrap cannot filter it, so the events before the split
     are written to seed-layout Parquet files in ``work`` and trained on instead.
     """
-    from worker.data.ingest import ColumnMapping
+    from worker.data.layout import ColumnMapping
     from worker.train import bootstrap
 
     kw: dict[str, Any] = dict(opts.train_options)
