@@ -134,6 +134,11 @@ class WorkerSettings(BaseSettings):
     dedup_window: int = Field(
         default=1000, ge=1, description="Event ids remembered per user for deduplication."
     )
+    popularity_half_life_s: float = Field(
+        default=86_400.0,
+        ge=0,
+        description="Half-life in seconds of live popularity (cold-start lists); 0: plain count.",
+    )
     create_topics_partitions: int = Field(
         default=1, ge=1, description="Partitions for topics the worker creates when missing."
     )

@@ -100,7 +100,10 @@ class Worker:
         self.topics = topics
         self.clock = clock
         self.engine = Recommender(
-            model, weights=settings.weights(model.manifest), dedup_window=settings.dedup_window
+            model,
+            weights=settings.weights(model.manifest),
+            dedup_window=settings.dedup_window,
+            popularity_half_life_s=settings.popularity_half_life_s,
         )
         self.metrics = WorkerMetrics()
         self.metrics.model_info.labels(model.version).set(1)

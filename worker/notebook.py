@@ -249,7 +249,9 @@ class Session:
             raise ConfigError(f"k must be >= 1, got {k}")
         self.model = model
         weights = weights or training_weights(model)
-        self.recommender = Recommender(model, weights=weights, k=k)
+        # Fixed popularity: a session's own ratings do not reorder its cold-start lists, so
+        # a simulation replays the same way (live popularity is the worker's).
+        self.recommender = Recommender(model, weights=weights, k=k, live_popularity=False)
         self.k = k
         self.strict = strict
         self.user_index = IdIndex(model.users)

@@ -639,3 +639,65 @@ def test_refresh_ranks_with_factors_solved_against_the_refit_new_videos():
         y = eng.catalog.factors
         want = fold_in(y, y.T @ y, [(cols, vals)], regularization=p.regularization, alpha=p.alpha)
         np.testing.assert_allclose(st.factors, want[0], rtol=1e-4, atol=1e-6)
+
+
+def test_live_popularity_counts_positive_events_and_ranks_cold_start_lists():
+    """Issue 13 item 2 (per worker): cold-start lists follow the model's popularity, decayed,
+    plus every positive event applied (Weights.is_positive); new videos grow it."""
+    from datetime import timedelta
+
+    from worker.core.popularity import decayed_counts_reference
+
+    model = make_model()
+    half_life = 3600.0
+    eng = Recommender(model, popularity_half_life_s=half_life)
+    assert eng.recommend(["nobody"])[0].video_ids[:3] == [
+        model.items.id_of(int(i)) for i in np.argsort(-model.videos.popularity, kind="stable")[:3]
+    ]
+    least = model.items.id_of(int(np.argmin(model.videos.popularity)))
+    events, t0 = [], NOW
+    for n in range(40):
+        t = t0 + timedelta(minutes=n)
+        video = least if n % 2 else "ghost"
+        events.append(RatingEvent(event_id=f"p{n}", user_id=f"x{n}", video_id=video,
+                                  action="like", ts=t))  # fmt: skip
+    # Not positive: a dislike, a neutral and a short view count for nothing.
+    for n, (action, watch) in enumerate([("dislike", None), ("neutral", None), ("view", 5.0)]):
+        events.append(RatingEvent(event_id=f"n{n}", user_id="y", video_id="v0", action=action,
+                                  watch_seconds=watch, ts=t0 + timedelta(hours=1)))  # fmt: skip
+    for e in events:
+        assert eng.apply(e)
+    now_us = int((t0 + timedelta(hours=1)).timestamp() * 1e6)
+    pos = [e for e in events if e.action == "like"]
+    want = decayed_counts_reference(
+        [eng.catalog.items.get(e.video_id) for e in pos],  # type: ignore[misc]
+        [int(e.ts.timestamp() * 1e6) for e in pos],
+        len(eng.catalog), half_life_s=half_life, now_us=now_us,
+    )  # fmt: skip
+    want[: model.n_items] += model.videos.popularity * 2.0 ** (
+        -(now_us - int(t0.timestamp() * 1e6)) / (half_life * 1e6)
+    )
+    np.testing.assert_allclose(eng.popularity_values(), want, rtol=1e-9)
+    top = eng.recommend(["nobody2"])[0]
+    assert top.strategy == "popular"
+    assert set(top.video_ids[:2]) == {"ghost", least}  # the new video grew the ranking
+    order = np.lexsort((np.arange(len(want)), -want))[: len(top.video_ids)]
+    assert top.video_ids == [eng.catalog.items.id_of(int(i)) for i in order]
+    np.testing.assert_allclose(top.scores, want[order], rtol=1e-6)
+    # A model swap starts again from the new model's popularity (ghost is new to it too).
+    eng.swap_model(make_model(version="m2", seed=7))
+    got = eng.popularity_values()
+    new_pop = eng.model.videos.popularity.astype(np.float64)
+    np.testing.assert_allclose(got[: len(new_pop)], new_pop, rtol=1e-9)
+    assert got[len(new_pop) :].sum() == 0
+
+
+def test_live_popularity_without_decay_is_a_plain_count():
+    model = make_model()
+    eng = Recommender(model, popularity_half_life_s=0)
+    from datetime import timedelta
+
+    for n in range(5):
+        eng.apply(RatingEvent(event_id=f"e{n}", user_id=f"z{n}", video_id="v3", action="like",
+                              ts=NOW + timedelta(days=n)))  # fmt: skip
+    assert eng.popularity_values()[3] == model.videos.popularity[3] + 5

@@ -17,9 +17,13 @@ from worker.core.als import F32, fold_in, gramian, top_k
 from worker.core.catalog import Catalog
 from worker.core.ids import IdMap
 from worker.core.model import Model
+from worker.core.popularity import LivePopularity
 from worker.core.scoring import Weights
 from worker.core.state import DEFAULT_DEDUP_WINDOW, UserState, decode_record
 from worker.core.wire import TOP_K, RatingEvent, VideoEvent
+
+#: Default half-life of live popularity: one day (``WorkerSettings.popularity_half_life_s``).
+DEFAULT_POPULARITY_HALF_LIFE_S = 86_400.0
 
 #: Score multiplier for a popular video in a category the user has disliked.
 DISLIKED_CATEGORY_PENALTY = 0.5
@@ -64,8 +68,16 @@ class Recommender:
         weights: Weights | None = None,
         k: int = TOP_K,
         dedup_window: int = DEFAULT_DEDUP_WINDOW,
+        popularity_half_life_s: float = DEFAULT_POPULARITY_HALF_LIFE_S,
+        live_popularity: bool = True,
     ) -> None:
+        # False keeps the model's popularity fixed (the notebook: one person's ratings
+        # replayed in a session should not reorder everyone's cold-start list).
+        self.live_popularity = live_popularity
         self.weights = weights or Weights()
+        self.popularity_half_life_s = float(popularity_half_life_s)
+        # The latest event time applied (µs): "now" for live popularity.
+        self.now_us: int | None = None
         self.k = k
         self.dedup_window = dedup_window
         self.users: dict[str, UserState] = {}
@@ -114,6 +126,35 @@ class Recommender:
         if prepared.weights is not None:
             self.weights = prepared.weights
         self._user_gram = prepared.user_gram
+        self._seed_popularity()
+
+    def _seed_popularity(self) -> None:
+        """Live popularity starts from the model's (its training positives), as of the
+        latest event time seen (or, before any event, as of the first one applied).
+
+        It is derived from the events this engine applies: a restart starts again from
+        the model's popularity (the changelog restores user rows, not popularity), and a
+        model swap starts again from the new model's, which counts the retrained data.
+        """
+        self.popularity = LivePopularity(len(self.catalog), half_life_s=self.popularity_half_life_s)
+        self._popularity_seed = self.catalog.popularity[: self.catalog.n_base].astype(np.float64)
+        self._popularity_seeded = False
+        if self.now_us is not None:
+            self._plant_seed(self.now_us)
+
+    def _plant_seed(self, asof_us: int) -> None:
+        self.popularity.seed(self._popularity_seed, asof_us)
+        self._popularity_seeded = True
+
+    def popularity_values(self) -> npt.NDArray[np.float64]:
+        """Live popularity of every catalog video at the latest event time (a new array)."""
+        n = len(self.catalog)
+        self.popularity.grow(n)
+        if not self._popularity_seeded:
+            out = np.zeros(n, dtype=np.float64)
+            out[: len(self._popularity_seed)] = self._popularity_seed
+            return out
+        return self.popularity.values(self.now_us if self.now_us is not None else 0)[:n]
 
     @property
     def model_version(self) -> str:
@@ -209,6 +250,15 @@ class Recommender:
         )
         st.row[item] = st.row.get(item, 0.0) + value
         st.factors = None
+        ts_us = int(event.ts.timestamp() * 1_000_000)
+        if not self._popularity_seeded:
+            self._plant_seed(ts_us)
+        if self.now_us is None or ts_us > self.now_us:
+            self.now_us = ts_us
+        if self.live_popularity and self.weights.is_positive(
+            event.action, event.watch_seconds, self.catalog.duration_of(item)
+        ):
+            self.popularity.add(item, ts_us)
         st.events_applied += 1
         st.remember(event.event_id, self.dedup_window)
         if partition >= 0:
@@ -280,28 +330,41 @@ class Recommender:
                     scores=scs[:n],
                     strategy="als",
                 )
+        pop = self.popularity_values() if None in out else None
         for i, st in enumerate(states):
             if out[i] is None:
-                out[i] = self._popular(user_ids[i], st)
+                out[i] = self._popular(user_ids[i], st, pop)
         return [o for o in out if o is not None]
 
-    def _popular(self, user_id: str, st: UserState) -> UserList:
-        """Popularity list without the user's seen videos, demoting disliked categories."""
+    def _popular(
+        self, user_id: str, st: UserState, pop: npt.NDArray[np.float64] | None = None
+    ) -> UserList:
+        """Live-popularity list without the user's seen videos, demoting disliked
+        categories. Ties go to the lower item index (the model's order, then new videos)."""
+        if pop is None:
+            pop = self.popularity_values()
         disliked = {self.catalog.category_of(i) for i, v in st.row.items() if v < 0} - {-1}
         want = self.k * 5 if disliked else self.k  # room to rerank when demoting
+        n = len(pop)
+        m = min(n, want + len(st.row))
+        if m == 0:
+            cand = np.empty(0, dtype=np.int64)
+        else:
+            cut = np.partition(pop, n - m)[n - m]
+            cand = np.flatnonzero(pop >= cut)
+            cand = cand[np.lexsort((cand, -pop[cand]))]
         picked: list[tuple[float, int]] = []
-        for pos, item in enumerate(self.catalog.popular_order):
-            i = int(item)
-            if i in st.row:
+        for pos, item in enumerate(cand.tolist()):
+            if item in st.row:
                 continue
-            score = float(self.catalog.popularity[i])
-            if self.catalog.category_of(i) in disliked:
+            score = float(pop[item])
+            if self.catalog.category_of(item) in disliked:
                 score *= DISLIKED_CATEGORY_PENALTY
             picked.append((-score, pos))
             if len(picked) >= want:
                 break
         picked.sort()
-        top = [int(self.catalog.popular_order[p]) for _, p in picked[: self.k]]
+        top = [int(cand[p]) for _, p in picked[: self.k]]
         return UserList(
             user_id=user_id,
             video_ids=[self.catalog.items.id_of(i) for i in top],

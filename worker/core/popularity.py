@@ -82,6 +82,16 @@ class LivePopularity:
         self._rebase(asof_us)
         self._scaled[item] = value * float(2.0 ** self._exponent(asof_us))
 
+    def seed(self, values: F64, asof_us: int) -> None:
+        """Install counts for items ``0 .. len(values) - 1`` as of ``asof_us`` (replacing
+        theirs): the model's popularity when a worker starts or swaps models."""
+        n = len(values)
+        self.grow(n)
+        self._rebase(asof_us)
+        self._scaled[:n] = np.asarray(values, dtype=np.float64) * float(
+            2.0 ** self._exponent(asof_us)
+        )
+
     # ---- read side -------------------------------------------------------------------------
 
     def value(self, item: int, now_us: int) -> float:
