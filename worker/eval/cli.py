@@ -83,7 +83,8 @@ def _add_simulation(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
 
 
 def _data_options(args: argparse.Namespace) -> Any:
-    from worker.eval.replay import ReplayOptions, command_line
+    from worker.eval.events import command_line
+    from worker.eval.prepare import ReplayOptions
 
     mapping = None
     if args.columns:

@@ -45,21 +45,10 @@ from tqdm import tqdm
 
 from worker.core.engine import Recommender
 from worker.core.wire import TOP_K, RatingEvent, Recommendations
-from worker.eval.replay import (
-    DISLIKE,
-    LIKE,
-    NEUTRAL,
-    VIEW,
-    LiveWorker,
-    Popularity,
-    Prepared,
-    ReplayOptions,
-    first_unseen,
-    iso_time,
-    keep_model,
-    live_batch_ends,
-    prepare,
-)
+from worker.eval.events import DISLIKE, LIKE, NEUTRAL, VIEW, command_line, iso_time
+from worker.eval.live import LiveWorker, live_batch_ends
+from worker.eval.prepare import Prepared, ReplayOptions, keep_model, prepare
+from worker.eval.variants import Popularity, first_unseen
 from worker.notebook import NOT_WATCHED, Session, answer_for, simulate_session
 
 AnswerPolicy = Literal["truth", "random"]
@@ -443,7 +432,6 @@ def run_simulate_command(data: ReplayOptions, opts: SimulateOptions) -> dict[str
     """``refold simulate``: prepare data and model, simulate, write the report in ``data.out``."""
     import tempfile
 
-    from worker.eval.replay import command_line
     from worker.eval.report import write_simulation_report
 
     t_begin = time.monotonic()

@@ -1,0 +1,510 @@
+"""The in-process variants: prequential ground truth (:class:`Relevance`), the baselines
+(time-aware popularity, static and retrained factor models) and :func:`run_in_process`,
+which answers every request point with what each variant knew at that point."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from worker.core.als import F32, I32, I64, ItemIndex, top_k
+from worker.core.engine import Recommender
+from worker.core.model import Model
+from worker.core.scoring import Weights
+from worker.core.wire import (
+    TOP_K,
+    RatingEvent,
+)
+from worker.eval.events import (
+    _FLUSH_USERS,
+    _MAX_DECAY_EXPONENT,
+    _POPULARITY_REFRESHES,
+    _US,
+    ACTIONS,
+    FOLDIN_INPROCESS,
+    LIKE,
+    POPULARITY,
+    RETRAIN,
+    RETRAIN_NOFOLDIN,
+    STATIC,
+    VIEW,
+    EventTable,
+    Request,
+    _dt,
+    _event_id,
+    video_event,
+)
+
+log = logging.getLogger(__name__)
+
+F64 = npt.NDArray[np.float64]
+
+
+# ---- prequential ground truth ----------------------------------------------------------------
+
+
+@dataclass
+class Relevance:
+    """Per user, the videos they interact with after the split, for prequential scoring.
+
+    A *unit* is one (user, video) pair first met after the split and not seen
+    before it: its first replay index and time, and whether the user liked it
+    (last reaction is ``like``; with no reaction, best watched fraction >=
+    ``positive_fraction``).
+    """
+
+    user: I32  # units sorted by (user, first index)
+    first_idx: I64
+    first_ts: I64
+    video: I32
+    positive: npt.NDArray[np.bool_]
+    starts: I64  # starts[u]..starts[u+1] are user u's units
+    horizon_events: int
+    horizon_us: int | None
+
+    @classmethod
+    def build(
+        cls,
+        table: EventTable,
+        split: int,
+        end: int,
+        *,
+        positive_fraction: float,
+        default_duration_s: float,
+        horizon_events: int,
+        horizon_seconds: float | None,
+    ) -> Relevance:
+        nv = np.int64(table.n_videos)
+        pre_keys = np.unique(table.user[:split].astype(np.int64) * nv + table.video[:split])
+        keys = table.user[split:end].astype(np.int64) * nv + table.video[split:end]
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        act = table.action[split:end]
+        frac = np.nan_to_num(table.fractions(default_duration_s)[split:end], nan=0.0)
+        best_frac = np.zeros(len(uniq))
+        view = act == VIEW
+        np.maximum.at(best_frac, inverse[view], frac[view])
+        # Last reaction per unit: the reaction with the largest replay index wins.
+        last_reaction = np.full(len(uniq), -1, dtype=np.int64)
+        react_idx = np.flatnonzero(~view)
+        if react_idx.size:
+            last_pos = np.full(len(uniq), -1, dtype=np.int64)
+            np.maximum.at(last_pos, inverse[react_idx], react_idx)
+            has = last_pos >= 0
+            last_reaction[has] = act[last_pos[has]]
+        positive = np.where(
+            last_reaction >= 0, last_reaction == LIKE, best_frac >= positive_fraction
+        )
+        fresh = ~np.isin(uniq, pre_keys)
+        users = (uniq // nv).astype(np.int32)[fresh]
+        order = np.lexsort((first[fresh], users))
+        users = users[order]
+        first_idx = first[fresh][order].astype(np.int64)
+        return cls(
+            user=users,
+            first_idx=first_idx,
+            first_ts=table.ts[split + first_idx],
+            video=(uniq % nv).astype(np.int32)[fresh][order],
+            positive=positive[fresh][order],
+            starts=np.searchsorted(users, np.arange(table.n_users + 1)).astype(np.int64),
+            horizon_events=horizon_events,
+            horizon_us=None if horizon_seconds is None else int(horizon_seconds * _US),
+        )
+
+    def relevant(self, user: int, idx: int, ts: int) -> set[int]:
+        """Video codes relevant to a list for ``user`` reflecting replay event ``idx`` at ``ts``."""
+        lo, hi = int(self.starts[user]), int(self.starts[user + 1])
+        j = lo + int(np.searchsorted(self.first_idx[lo:hi], idx, side="right"))
+        stop = min(hi, j + self.horizon_events)
+        if self.horizon_us is not None:
+            stop = j + int(np.searchsorted(self.first_ts[j:stop], ts + self.horizon_us, "right"))
+        sel = slice(j, stop)
+        return set(self.video[sel][self.positive[sel]].tolist())
+
+
+# ---- baselines -------------------------------------------------------------------------------
+
+
+class Popularity:
+    """Time-aware popularity: each positive event counts ``2 ** ((t - t0) / half_life)``.
+
+    Weighting by a growing factor instead of decaying every count gives the same
+    ranking as an exponential decay of age, with O(1) work per event.
+    """
+
+    def __init__(self, n_videos: int, *, t0_us: int, half_life_us: float) -> None:
+        self.t0 = t0_us
+        self.half_life = max(1.0, half_life_us)
+        self.counts = np.zeros(n_videos, dtype=np.float64)
+        self.order: I64 = np.zeros(0, dtype=np.int64)
+
+    def weight(self, ts_us: I64 | int) -> F64:
+        x = (np.asarray(ts_us, dtype=np.float64) - self.t0) / self.half_life
+        return np.exp2(np.clip(x, -_MAX_DECAY_EXPONENT, _MAX_DECAY_EXPONENT))
+
+    def add_many(self, videos: I32, ts_us: I64) -> None:
+        np.add.at(self.counts, videos, self.weight(ts_us))
+
+    def add(self, video: int, ts_us: int) -> None:
+        self.counts[video] += float(self.weight(ts_us))
+
+    def refresh(self) -> None:
+        """Re-sort the ranking (only videos with a positive count are eligible)."""
+        eligible = np.flatnonzero(self.counts > 0)
+        self.order = eligible[np.argsort(-self.counts[eligible], kind="stable")]
+
+    def top(self, seen: set[int], k: int) -> list[int]:
+        """The ``k`` most popular videos not in ``seen``, from the last refreshed ranking."""
+        return first_unseen(self.order, seen, k)
+
+
+@dataclass
+class FactorModel:
+    """User and item factors over the event table's codes, with eligible items and a fallback."""
+
+    user_factors: F32  # (n_users_in_table, f); rows of unknown users are unused
+    known_user: npt.NDArray[np.bool_]
+    eligible: I64  # video codes that can be recommended
+    index: ItemIndex
+    pos_of: I64  # video code -> position in ``eligible`` or -1
+    popular: I64  # fallback ranking (video codes), for users without factors
+
+    @classmethod
+    def build(
+        cls,
+        user_factors: F32,
+        known_user: npt.NDArray[np.bool_],
+        item_factors: F32,
+        eligible: I64,
+        popular: I64,
+        n_videos: int,
+    ) -> FactorModel:
+        pos_of = np.full(n_videos, -1, dtype=np.int64)
+        pos_of[eligible] = np.arange(len(eligible))
+        return cls(
+            user_factors=user_factors,
+            known_user=known_user,
+            eligible=eligible,
+            index=ItemIndex.build(np.ascontiguousarray(item_factors[eligible])),
+            pos_of=pos_of,
+            popular=popular,
+        )
+
+    def recommend(self, users: Sequence[int], seen: Sequence[set[int]], k: int) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in users]
+        personal = [j for j, u in enumerate(users) if self.known_user[u]]
+        if personal:
+            x = self.user_factors[[users[j] for j in personal]]
+            exclude = []
+            for j in personal:
+                p = self.pos_of[np.fromiter(seen[j], dtype=np.int64, count=len(seen[j]))]
+                exclude.append(p[p >= 0])
+            items, _ = top_k(self.index, x, exclude, k)
+            for row, j in enumerate(personal):
+                out[j] = self.eligible[items[row][items[row] >= 0]].tolist()
+        for j, u in enumerate(users):
+            if not self.known_user[u]:
+                out[j] = first_unseen(self.popular, seen[j], k)
+        return out
+
+
+def first_unseen(order: I64, seen: set[int], k: int) -> list[int]:
+    """The first ``k`` entries of ``order`` that are not in ``seen``."""
+    out: list[int] = []
+    for v in order:
+        iv = int(v)
+        if iv not in seen:
+            out.append(iv)
+            if len(out) >= k:
+                break
+    return out
+
+
+def static_factor_model(model: Model, table: EventTable) -> FactorModel:
+    """The bootstrap model, re-indexed by the event table's codes."""
+    code_of_user = {u: i for i, u in enumerate(table.user_ids)}
+    code_of_video = {v: i for i, v in enumerate(table.video_ids)}
+    f = model.item_factors.shape[1]
+    uf = np.zeros((table.n_users, f), dtype=np.float32)
+    known = np.zeros(table.n_users, dtype=bool)
+    for row, uid in enumerate(model.users.ids):
+        c = code_of_user.get(uid)
+        if c is not None:
+            uf[c] = model.user_factors[row]
+            known[c] = True
+    item_f = np.zeros((table.n_videos, f), dtype=np.float32)
+    rows, codes = [], []
+    for row, vid in enumerate(model.items.ids):
+        c = code_of_video.get(vid)
+        if c is not None:
+            rows.append(row)
+            codes.append(c)
+    item_f[codes] = model.item_factors[rows]
+    eligible = np.array(codes, dtype=np.int64)
+    pop = model.videos.popularity[rows]
+    popular = eligible[np.argsort(-pop, kind="stable")]
+    return FactorModel.build(uf, known, item_f, eligible, popular, table.n_videos)
+
+
+@dataclass
+class Retrained:
+    """A full retrain: as a refold :class:`Model` (for fold-in) and as a :class:`FactorModel`."""
+
+    model: Model
+    factors: FactorModel
+
+
+def fit_factor_model(
+    table: EventTable,
+    end: int,
+    values: F32,
+    base: Model,
+    *,
+    seed: int,
+    threads: int,
+) -> Retrained:
+    """Full ALS retrain on events ``[0, end)`` with the bootstrap model's hyper-parameters.
+
+    The rows are the worker's: every event's value (:meth:`EventTable.values`)
+    summed per (user, video). Videos keep the bootstrap model's metadata where it
+    has them (for content priors), and the popularity of the retrained data.
+    """
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    from worker.core.ids import IdMap
+    from worker.core.model import VideoMeta
+
+    mat = sp.coo_matrix(
+        (values[:end], (table.user[:end], table.video[:end])),
+        shape=(table.n_users, table.n_videos),
+        dtype=np.float32,
+    ).tocsr()  # duplicates are summed, as the worker sums a user's events per video
+    mat.eliminate_zeros()
+    users = np.flatnonzero(mat.getnnz(axis=1) > 0)
+    items = np.flatnonzero(mat.getnnz(axis=0) > 0).astype(np.int64)
+    sub = mat[users][:, items].tocsr()
+    p = base.params
+    als = AlternatingLeastSquares(
+        factors=p.factors,
+        regularization=p.regularization,
+        alpha=p.alpha,
+        iterations=p.iterations,
+        random_state=seed,
+        num_threads=threads,
+    )
+    with threadpool_limits(1, "blas"):  # implicit parallelises itself; BLAS threads fight it
+        als.fit(sub, show_progress=False)
+    user_f = np.asarray(als.user_factors, dtype=np.float32)
+    item_f = np.asarray(als.item_factors, dtype=np.float32)
+    positive = np.asarray((sub > 0).sum(axis=0)).ravel().astype(np.float32)
+    category = np.full(len(items), -1, dtype=np.int32)
+    author = np.full(len(items), -1, dtype=np.int32)
+    for j, code in enumerate(items.tolist()):
+        row = base.items.get(table.video_ids[code])
+        if row is not None:
+            category[j] = base.videos.category[row]
+            author[j] = base.videos.author[row]
+    model = Model(
+        version=f"{base.version}+retrain@{end}",
+        params=p,
+        user_factors=user_f,
+        item_factors=item_f,
+        users=IdMap(table.user_ids[u] for u in users.tolist()),
+        items=IdMap(table.video_ids[v] for v in items.tolist()),
+        user_rows=sub,
+        videos=VideoMeta(
+            duration_s=table.duration_s[items].astype(np.float32),
+            category=category,
+            author=author,
+            popularity=positive,
+            categories=list(base.videos.categories),
+            authors=list(base.videos.authors),
+        ),
+    )
+    full_users = np.zeros((table.n_users, user_f.shape[1]), dtype=np.float32)
+    full_users[users] = user_f
+    full_items = np.zeros((table.n_videos, item_f.shape[1]), dtype=np.float32)
+    full_items[items] = item_f
+    known = np.zeros(table.n_users, dtype=bool)
+    known[users] = True
+    popular = items[np.argsort(-positive, kind="stable")]
+    return Retrained(
+        model=model,
+        factors=FactorModel.build(full_users, known, full_items, items, popular, table.n_videos),
+    )
+
+
+# ---- in-process variants ---------------------------------------------------------------------
+
+
+@dataclass
+class InProcessOptions:
+    """Knobs of the in-process variants."""
+
+    k: int = TOP_K
+    retrain_every: int = 0  # events between retrains; 0: never (retrain == static)
+    half_life_us: float = 0.0
+    positive_fraction: float = 0.5
+    weights: Weights = field(default_factory=Weights)
+    foldin: bool = True
+    #: The in-process fold-in answers every n-th request only (1: all); it is a check.
+    check_every: int = 1
+    seed: int = 0
+    threads: int = 0
+
+
+def run_in_process(
+    table: EventTable,
+    split: int,
+    end: int,
+    model: Model,
+    requests: Sequence[Request],
+    opts: InProcessOptions,
+    *,
+    progress: bool,
+) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
+    """Answer every request with every in-process variant, replaying the events once.
+
+    Popularity answers at once. The model variants collect pending requests and
+    answer them in one batch; a batch is answered before any event that could
+    change a pending answer: an event of a pending user, an event on a video
+    new to the model (its factors are refit from its interactions), or a retrain.
+
+    When the requests carry the live worker's batches (``batch_end``), the core
+    engine's check mirrors them instead: at the end of each live batch it lists
+    every user of that batch, as the worker did. Videos without training
+    interactions are refit from the interactions seen so far whenever a list
+    is made for a user who touched them, and those refits change the item
+    gramian every fold-in uses, so only the same batch ends give the same lists.
+    """
+    k = opts.k
+    n = end - split
+    values = table.values(opts.weights)
+    positive = table.positives(opts.positive_fraction, opts.weights.default_duration_s)
+    seen: dict[int, set[int]] = {}  # only users who appear in the replay need one
+    history = np.flatnonzero(np.isin(table.user[:split], np.unique(table.user[split:end])))
+    for u, v in zip(table.user[history].tolist(), table.video[history].tolist(), strict=True):
+        seen.setdefault(u, set()).add(v)
+    pop = Popularity(table.n_videos, t0_us=int(table.ts[split]), half_life_us=opts.half_life_us)
+    pre = np.flatnonzero(positive[:split])
+    pop.add_many(table.video[pre], table.ts[pre])
+    pop.refresh()
+    refresh_every = max(1, n // _POPULARITY_REFRESHES)
+    every = opts.retrain_every
+    retrain_at = set(range(every, n, every)) if every > 0 else set()
+    factor_models: dict[str, FactorModel] = {STATIC: static_factor_model(model, table)}
+    factor_models[RETRAIN_NOFOLDIN] = factor_models[STATIC]
+    engines: dict[str, Recommender] = {RETRAIN: Recommender(model, weights=opts.weights)}
+    if opts.foldin:
+        engines[FOLDIN_INPROCESS] = Recommender(model, weights=opts.weights)
+    registered: dict[str, set[str]] = {name: set() for name in engines}
+    names = [POPULARITY, *factor_models, *engines]
+    answers: dict[str, list[list[int]]] = {name: [[] for _ in requests] for name in names}
+    pending: dict[int, int] = {}  # user code -> request index
+    # The live worker's batches, for the core engine's check: batch end -> requests.
+    mirrored: dict[int, list[int]] = {}
+    if FOLDIN_INPROCESS in engines and any(r.batch_end is not None for r in requests):
+        for q, r in enumerate(requests):
+            mirrored.setdefault(r.idx if r.batch_end is None else r.batch_end, []).append(q)
+    timings = {"retrain_s": 0.0, "retrains": 0, "foldin_s": 0.0, "factor_s": 0.0}
+
+    def flush() -> None:
+        if not pending:
+            return
+        users = list(pending)
+        seen_sets = [seen.get(u, set()) for u in users]
+        t0 = time.monotonic()
+        for name, fm in factor_models.items():
+            for u_list, r in zip(fm.recommend(users, seen_sets, k), pending.values(), strict=True):
+                answers[name][r] = u_list
+        timings["factor_s"] += time.monotonic() - t0
+        t0 = time.monotonic()
+        for name, engine in engines.items():
+            if name == FOLDIN_INPROCESS and mirrored:
+                continue  # answered at the live batch ends
+            picked = [
+                (u, r)
+                for u, r in pending.items()
+                if name != FOLDIN_INPROCESS or r % opts.check_every == 0
+            ]
+            ids = [table.user_ids[u] for u, _ in picked]
+            for ul, (_, r) in zip(engine.recommend(ids), picked, strict=True):
+                answers[name][r] = [table.code_of(v) for v in ul.video_ids]
+        timings["foldin_s"] += time.monotonic() - t0
+        pending.clear()
+
+    req_i = 0
+    bar = tqdm(total=n, desc="baselines (in-process)", unit="ev", disable=not progress)
+    for j in range(n):
+        i = split + j
+        u, v = int(table.user[i]), int(table.video[i])
+        vid = table.video_ids[v]
+        if j in retrain_at:
+            flush()
+            t0 = time.monotonic()
+            retrained = fit_factor_model(
+                table, i, values, model, seed=opts.seed, threads=opts.threads
+            )
+            factor_models[RETRAIN_NOFOLDIN] = retrained.factors
+            engines[RETRAIN].swap_model(retrained.model)
+            timings["retrain_s"] += time.monotonic() - t0
+            timings["retrains"] += 1
+        new_to = [name for name, e in engines.items() if _is_new(e, vid)]
+        if u in pending or (new_to and pending):
+            flush()  # refits of a new video's factors would change pending answers
+        seen.setdefault(u, set()).add(v)
+        if positive[i]:
+            pop.add(v, int(table.ts[i]))
+        if j % refresh_every == 0:
+            pop.refresh()
+        a = int(table.action[i])
+        event = RatingEvent.model_construct(  # validated when the table was loaded
+            event_id=_event_id(j),
+            user_id=table.user_ids[u],
+            video_id=vid,
+            action=ACTIONS[a],
+            watch_seconds=float(table.watch[i]) if a == VIEW else None,
+            ts=_dt(int(table.ts[i])),
+        )
+        for name, engine in engines.items():
+            if name in new_to and vid not in registered[name]:
+                registered[name].add(vid)
+                ev = video_event(vid, table.videos.get(vid), int(table.ts[i]))
+                if ev is not None:
+                    engine.register_video(ev)
+            engine.apply(event)
+        if j in mirrored:
+            t0 = time.monotonic()
+            qs = mirrored[j]
+            engine = engines[FOLDIN_INPROCESS]
+            for ul, q in zip(
+                engine.recommend([table.user_ids[requests[q].user] for q in qs]), qs, strict=True
+            ):
+                if q % opts.check_every == 0:
+                    answers[FOLDIN_INPROCESS][q] = [table.code_of(v) for v in ul.video_ids]
+            timings["foldin_s"] += time.monotonic() - t0
+        while req_i < len(requests) and requests[req_i].idx == j:
+            r = requests[req_i]
+            answers[POPULARITY][req_i] = pop.top(seen.get(r.user, set()), k)
+            pending[r.user] = req_i
+            req_i += 1
+        if len(pending) >= _FLUSH_USERS:
+            flush()
+        bar.update(1)
+    flush()
+    bar.close()
+    return answers, timings
+
+
+def _is_new(engine: Recommender, video_id: str) -> bool:
+    """True when ``video_id`` is unknown to the engine's model (so its factors are refit)."""
+    idx = engine.catalog.items.get(video_id)
+    return idx is None or idx in engine.catalog.new
