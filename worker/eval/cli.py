@@ -313,7 +313,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--users", type=int, default=200, help="simulated users (200)")
     _add_simulation(p)
     p.set_defaults(func=cmd_simulate)
+    _add_convert(sub)
 
+
+def _add_convert(sub: Any) -> None:
+    """``refold convert movielens|interactions``."""
     p = sub.add_parser("convert", help="convert public datasets to the Rutube layout")
     conv = p.add_subparsers(dest="source", required=True)
     c = conv.add_parser("movielens", help="MovieLens ratings (ml-latest-small, ml-1m, ml-25m...)")

@@ -526,6 +526,29 @@ def _read_table(
         raise DataError(f"{path}: unreadable CSV ({exc})") from None
 
 
+def _event_table(
+    event_map: Mapping[str, tuple[float, str | None]] | None,
+) -> dict[str, tuple[float, str | None]]:
+    """The built-in event map extended by ``event_map``, keys normalised, reactions checked."""
+    events = {normalise_event(k): v for k, v in {**DEFAULT_EVENT_MAP, **(event_map or {})}.items()}
+    for name, (_, reaction) in events.items():
+        if reaction is not None and reaction not in ACTIONS:
+            raise DataError(f"event_map[{name!r}]: reaction {reaction!r} not in {ACTIONS}")
+    return events
+
+
+def _column_max(path: Path, column: str, chunk_rows: int, names: Sequence[str] | None) -> float:
+    """The largest value of a numeric column (1.0 when it has none, or holds event types)."""
+    top = 0.0
+    for df in _read_table(path, [column], chunk_rows, names):
+        col = df[column]
+        if not pd.api.types.is_numeric_dtype(col):
+            break  # event types: no scale needed
+        if col.notna().any():
+            top = max(top, float(col.max()))
+    return top if top > 0 else 1.0
+
+
 def convert_interactions(
     path: Path,
     out: Path,
@@ -574,10 +597,7 @@ def convert_interactions(
     Returns the same summary as :func:`convert_movielens`.
     """
     path = Path(path)
-    events = {normalise_event(k): v for k, v in {**DEFAULT_EVENT_MAP, **(event_map or {})}.items()}
-    for name, (_, reaction) in events.items():
-        if reaction is not None and reaction not in ACTIONS:
-            raise DataError(f"event_map[{name!r}]: reaction {reaction!r} not in {ACTIONS}")
+    events = _event_table(event_map)
     columns = list(
         dict.fromkeys(c for c in (user_col, item_col, time_col, value_col, category_col) if c)
     )
@@ -585,14 +605,7 @@ def convert_interactions(
 
     scale = value_scale
     if value_col is not None and scale is None:
-        top = 0.0
-        for df in _read_table(path, [value_col], chunk_rows, names):
-            col = df[value_col]
-            if not pd.api.types.is_numeric_dtype(col):
-                break  # event types: no scale needed
-            if col.notna().any():
-                top = max(top, float(col.max()))
-        scale = top if top > 0 else 1.0
+        scale = _column_max(path, value_col, chunk_rows, names)
 
     def chunks() -> Iterator[tuple[pd.Series, pd.Series, pd.Series, npt.NDArray[np.floating], Any]]:
         unit = time_unit

@@ -542,6 +542,27 @@ def replay_live(
         bar.close()
         wall = time.monotonic() - started
         lists = list(live.lists)
+    requests, lat, pub = _requests_of(table, split, lists, send_s)
+    requests.sort(key=lambda r: r.idx)
+    return LiveResult(
+        requests=requests,
+        event_latency_ms=lat[np.isfinite(lat)],
+        event_publish_ms=pub[np.isfinite(pub)],
+        sent=sent,
+        skipped=skipped,
+        announced=len(announced),
+        wall_s=wall,
+        worker_startup_s=worker_startup_s,
+        events_per_s=sent / wall if wall > 0 else 0.0,
+    )
+
+
+def _requests_of(
+    table: EventTable, split: int, lists: list[LiveList], send_s: F64
+) -> tuple[list[Request], F64, F64]:
+    """One request point per published list (the probe's excluded), and per replayed event
+    the latency to its first list received and to that list's publication (NaN: none)."""
+    n = len(send_s)
     lat = np.full(n, np.nan)
     pub = np.full(n, np.nan)
     requests: list[Request] = []
@@ -568,18 +589,7 @@ def replay_live(
                 batch_end=batch_end[lst.recs.generated_at],
             )
         )
-    requests.sort(key=lambda r: r.idx)
-    return LiveResult(
-        requests=requests,
-        event_latency_ms=lat[np.isfinite(lat)],
-        event_publish_ms=pub[np.isfinite(pub)],
-        sent=sent,
-        skipped=skipped,
-        announced=len(announced),
-        wall_s=wall,
-        worker_startup_s=worker_startup_s,
-        events_per_s=sent / wall if wall > 0 else 0.0,
-    )
+    return requests, lat, pub
 
 
 def batched_requests(table: EventTable, split: int, end: int, batch: int) -> list[Request]:

@@ -61,6 +61,7 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from worker.core.als import I64
 from worker.core.wire import (
     TOP_K,
 )
@@ -81,6 +83,7 @@ from worker.eval.events import (
     STATIC,
     VARIANT_DESCRIPTIONS,
     VARIANTS,
+    Request,
     command_line,
     iso_time,
 )
@@ -91,7 +94,7 @@ from worker.eval.metrics import (
     percentiles,
 )
 from worker.eval.prepare import Prepared, ReplayOptions, keep_model, prepare
-from worker.eval.scoring import score_variants, summarise, time_series
+from worker.eval.scoring import Scored, score_variants, summarise, time_series
 from worker.eval.variants import InProcessOptions, Relevance, run_in_process
 
 log = logging.getLogger(__name__)
@@ -116,58 +119,105 @@ def run_replay(opts: ReplayOptions) -> dict[str, Any]:
 
 
 def _replay(opts: ReplayOptions, prep: Prepared) -> tuple[dict[str, Any], F64 | None]:
-    table, split, end, model, model_dir = (
+    """The run after :func:`prepare`: live replay, in-process variants, scoring, report."""
+    timings = dict(prep.timings)
+    retrain_every = _retrain_every(opts, prep.end - prep.split)
+    live = _run_live(opts, prep, timings)
+    requests = (
+        live.requests
+        if live is not None
+        else batched_requests(prep.table, prep.split, prep.end, opts.batch)
+    )
+    lists, checked = _run_variants(opts, prep, requests, retrain_every, live, timings)
+    sc = _score(opts, prep, requests, lists)
+    report: dict[str, Any] = {
+        "kind": "replay",
+        "command": opts.command or command_line(),
+        "created_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        "data": _data_section(prep, sc),
+        "model": _model_section(prep),
+        "settings": _settings_section(opts, prep, retrain_every),
+        "variants": sc.variants,
+        "segments": {
+            "known_users": summarise(sc.scored, sc.mask, sc.catalog_size, TOP_K, sc.is_known),
+            "new_users": summarise(sc.scored, sc.mask, sc.catalog_size, TOP_K, ~sc.is_known),
+        },
+        "lists": {
+            "total": len(requests),
+            "scored": int(sc.mask.sum()),
+            "unscored_no_relevant": int((~sc.mask).sum()),
+        },
+        "timeseries": time_series(prep.table, prep.split, requests, sc.scored, sc.mask),
+        "definitions": _definitions(opts),
+    }
+    report.update(_foldin_comparisons(sc, opts.seed))
+    if live is not None:
+        report.update(_live_sections(opts, live, requests, lists, checked))
+    if opts.simulation is not None:
+        from worker.eval.simulate import run_simulation
+
+        t0 = time.monotonic()
+        report["simulation"] = run_simulation(prep, opts.simulation)
+        timings["simulation_s"] = time.monotonic() - t0
+    report["timings_s"] = timings
+    return report, None if live is None else live.event_latency_ms
+
+
+def _retrain_every(opts: ReplayOptions, n: int) -> int:
+    """Replayed events between two retrains of the oracle (a fraction of ``n`` below 1)."""
+    if 0 < opts.retrain_every < 1:
+        return math.ceil(n * opts.retrain_every)
+    return int(opts.retrain_every)
+
+
+def _run_live(opts: ReplayOptions, prep: Prepared, timings: dict[str, float]) -> LiveResult | None:
+    """The events after the split through Kafka to the live workers (None without Kafka)."""
+    if not opts.live:
+        return None
+    t0 = time.monotonic()
+    live = replay_live(
         prep.table,
         prep.split,
         prep.end,
-        prep.model,
-        prep.model_dir,
+        model_dir=prep.model_dir,
+        model=prep.model,
+        bootstrap_servers=opts.bootstrap_servers,
+        max_in_flight=opts.max_in_flight,
+        rate=opts.rate,
+        log_path=opts.out / "worker.log",
+        durable=opts.durable,
+        stall_s=opts.stall_s,
+        progress=opts.progress,
+        workers=opts.workers,
+        partitions=opts.partitions,
     )
-    n = end - split
-    weights = prep.weights
-    half_life_us = prep.half_life_us
-    timings = dict(prep.timings)
-    trained = prep.trained
-    if 0 < opts.retrain_every < 1:
-        retrain_every = math.ceil(n * opts.retrain_every)  # a fraction of the replay
-    else:
-        retrain_every = int(opts.retrain_every)
-    live: LiveResult | None = None
-    if opts.live:
-        t0 = time.monotonic()
-        live = replay_live(
-            table,
-            split,
-            end,
-            model_dir=model_dir,
-            model=model,
-            bootstrap_servers=opts.bootstrap_servers,
-            max_in_flight=opts.max_in_flight,
-            rate=opts.rate,
-            log_path=opts.out / "worker.log",
-            durable=opts.durable,
-            stall_s=opts.stall_s,
-            progress=opts.progress,
-            workers=opts.workers,
-            partitions=opts.partitions,
-        )
-        timings["live_replay_s"] = time.monotonic() - t0
-        requests = live.requests
-    else:
-        requests = batched_requests(table, split, end, opts.batch)
+    timings["live_replay_s"] = time.monotonic() - t0
+    return live
+
+
+def _run_variants(
+    opts: ReplayOptions,
+    prep: Prepared,
+    requests: list[Request],
+    retrain_every: int,
+    live: LiveResult | None,
+    timings: dict[str, float],
+) -> tuple[dict[str, list[list[int]]], list[list[int]] | None]:
+    """Every variant's list at every request point, and the in-process check's lists."""
+    table = prep.table
     t0 = time.monotonic()
     lists, inproc_timings = run_in_process(
         table,
-        split,
-        end,
-        model,
+        prep.split,
+        prep.end,
+        prep.model,
         requests,
         InProcessOptions(
             k=TOP_K,
             retrain_every=retrain_every,
-            half_life_us=half_life_us,
+            half_life_us=prep.half_life_us,
             positive_fraction=opts.positive_fraction,
-            weights=weights,
+            weights=prep.weights,
             foldin=opts.foldin_inprocess or not opts.live,
             check_every=max(1, opts.check_every) if opts.live else 1,
             seed=opts.seed,
@@ -183,24 +233,46 @@ def _replay(opts: ReplayOptions, prep: Prepared) -> tuple[dict[str, Any], F64 | 
         checked = lists.pop(FOLDIN_INPROCESS, None)
     else:
         lists[FOLDIN] = lists.pop(FOLDIN_INPROCESS)  # without Kafka, the core is the fold-in
+    return lists, checked
+
+
+@dataclass
+class _Scoring:
+    """The variants' lists scored at the request points."""
+
+    scored: dict[str, Scored]
+    mask: npt.NDArray[np.bool_]  # request points with a relevant video
+    variants: dict[str, dict[str, Any]]
+    users_of: I64  # the user of each scored request point
+    is_known: npt.NDArray[np.bool_]  # per request point: a user the model was trained on
+    known: npt.NDArray[np.bool_]  # per user of the table
+    replay_videos: set[str]
+    catalog_size: int
+
+
+def _score(
+    opts: ReplayOptions,
+    prep: Prepared,
+    requests: list[Request],
+    lists: dict[str, list[list[int]]],
+) -> _Scoring:
+    table, split, end, model = prep.table, prep.split, prep.end, prep.model
     relevance = Relevance.build(
         table,
         split,
         end,
         positive_fraction=opts.positive_fraction,
-        default_duration_s=weights.default_duration_s,
+        default_duration_s=prep.weights.default_duration_s,
         horizon_events=opts.horizon_events,
         horizon_seconds=opts.horizon_seconds,
     )
     scored, mask = score_variants(table, split, requests, lists, relevance, TOP_K)
     known = np.array([u in model.users for u in table.user_ids], dtype=bool)
-    replay_users = table.user[split:end]
     replay_videos = {table.video_ids[int(v)] for v in np.unique(table.video[split:end])}
-    catalog = set(model.items.ids) | replay_videos
+    catalog_size = len(set(model.items.ids) | replay_videos)
     is_known = np.array([known[r.user] for r in requests], dtype=bool)
-    order = [x for x in VARIANTS if x in scored]
-    scored = {name: scored[name] for name in order}
-    variants = summarise(scored, mask, len(catalog), TOP_K)
+    scored = {name: scored[name] for name in VARIANTS if name in scored}
+    variants = summarise(scored, mask, catalog_size, TOP_K)
     users_of = np.array([r.user for r in requests], dtype=np.int64)[mask]
     for name, row in variants.items():
         row["description"] = VARIANT_DESCRIPTIONS[name]
@@ -208,104 +280,110 @@ def _replay(opts: ReplayOptions, prep: Prepared) -> tuple[dict[str, Any], F64 | 
         if mask.any():
             ndcg = scored[name].scores["ndcg_at_10"][mask]
             row["ndcg_at_10_ci95"] = list(cluster_bootstrap(ndcg, users_of, seed=opts.seed))
-    report: dict[str, Any] = {
-        "kind": "replay",
-        "command": opts.command or command_line(),
-        "created_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-        "data": {
-            **table.summary,
-            "split_index": split,
-            "split_time": iso_time(int(table.ts[split])),
-            "train_events": split,
-            "replay_events": n,
-            "replay_events_available": len(table) - split,
-            "replay_first_event": iso_time(int(table.ts[split])),
-            "replay_last_event": iso_time(int(table.ts[end - 1])),
-            "replay_users": int(np.unique(table.user[split:end]).size),
-            "replay_users_known_to_model": int(np.unique(replay_users[known[replay_users]]).size),
-            "replay_videos_new_to_model": len(replay_videos - set(model.items.ids)),
-            "catalog_size": len(catalog),
-        },
-        "model": {
-            "version": model.version,
-            "trained_here": trained,
-            "path": None if trained else str(model_dir),
-            "users": model.n_users,
-            "videos": model.n_items,
-            "factors": model.params.factors,
-            "regularization": model.params.regularization,
-            "alpha": model.params.alpha,
-            "iterations": model.params.iterations,
-        },
-        "settings": {
-            "k": TOP_K,
-            "horizon_events": opts.horizon_events,
-            "horizon_seconds": opts.horizon_seconds,
-            "positive_fraction": opts.positive_fraction,
-            "retrain_every_events": retrain_every,
-            "popularity_half_life_s": half_life_us / _US,
-            "live": opts.live,
-            "max_in_flight": opts.max_in_flight,
-            "rate": opts.rate,
-            "durable": opts.durable,
-            "workers": opts.workers,
-            "partitions": opts.partitions or opts.workers,
-            "seed": opts.seed,
-            "weights": {
-                "view": weights.view,
-                "like": weights.like,
-                "neutral": weights.neutral,
-                "dislike": weights.dislike,
-                "watch_cap": weights.watch_cap,
-            },
-        },
-        "variants": variants,
-        "segments": {
-            "known_users": summarise(scored, mask, len(catalog), TOP_K, is_known),
-            "new_users": summarise(scored, mask, len(catalog), TOP_K, ~is_known),
-        },
-        "lists": {
-            "total": len(requests),
-            "scored": int(mask.sum()),
-            "unscored_no_relevant": int((~mask).sum()),
-        },
-        "timeseries": time_series(table, split, requests, scored, mask),
-        "definitions": {
-            **METRIC_DEFINITIONS,
-            "relevant": (
-                "For a list for user U that reflects U's events up to replay event i: "
-                f"among the next {opts.horizon_events} distinct videos U interacts with "
-                "after i"
-                + (
-                    f" (and within {opts.horizon_seconds:g} s of event i)"
-                    if opts.horizon_seconds
-                    else ""
-                )
-                + " that U had not interacted with before, those U liked: the last "
-                "reaction is a like, or, with no reaction, the best view covered at least "
-                f"{opts.positive_fraction:g} of the video. Lists with no relevant video "
-                "are not scored. Metrics are means over scored lists."
-            ),
-            "latency_ms": (
-                "Per replayed event: from the replay handing the event to the Kafka "
-                "producer to the replay's consumer receiving the first list that reflects "
-                "it (end to end, through the broker, under the replay's load of at most "
-                f"{opts.max_in_flight} events in flight)."
-            ),
-            "latency_publish_ms": (
-                "Per replayed event: from the send to the Kafka timestamp of the list "
-                "record (set by the worker's producer when it publishes the list)."
-            ),
-            "request_points": (
-                "Every variant answers each live list's request point (user U after "
-                "replay event i) with what it knew after event i; the in-process variants "
-                "see exactly the events the worker had seen."
-            ),
+    return _Scoring(scored, mask, variants, users_of, is_known, known, replay_videos, catalog_size)
+
+
+def _data_section(prep: Prepared, sc: _Scoring) -> dict[str, Any]:
+    table, split, end, model = prep.table, prep.split, prep.end, prep.model
+    replay_users = table.user[split:end]
+    return {
+        **table.summary,
+        "split_index": split,
+        "split_time": iso_time(int(table.ts[split])),
+        "train_events": split,
+        "replay_events": end - split,
+        "replay_events_available": len(table) - split,
+        "replay_first_event": iso_time(int(table.ts[split])),
+        "replay_last_event": iso_time(int(table.ts[end - 1])),
+        "replay_users": int(np.unique(replay_users).size),
+        "replay_users_known_to_model": int(np.unique(replay_users[sc.known[replay_users]]).size),
+        "replay_videos_new_to_model": len(sc.replay_videos - set(model.items.ids)),
+        "catalog_size": sc.catalog_size,
+    }
+
+
+def _model_section(prep: Prepared) -> dict[str, Any]:
+    model = prep.model
+    return {
+        "version": model.version,
+        "trained_here": prep.trained,
+        "path": None if prep.trained else str(prep.model_dir),
+        "users": model.n_users,
+        "videos": model.n_items,
+        "factors": model.params.factors,
+        "regularization": model.params.regularization,
+        "alpha": model.params.alpha,
+        "iterations": model.params.iterations,
+    }
+
+
+def _settings_section(opts: ReplayOptions, prep: Prepared, retrain_every: int) -> dict[str, Any]:
+    weights = prep.weights
+    return {
+        "k": TOP_K,
+        "horizon_events": opts.horizon_events,
+        "horizon_seconds": opts.horizon_seconds,
+        "positive_fraction": opts.positive_fraction,
+        "retrain_every_events": retrain_every,
+        "popularity_half_life_s": prep.half_life_us / _US,
+        "live": opts.live,
+        "max_in_flight": opts.max_in_flight,
+        "rate": opts.rate,
+        "durable": opts.durable,
+        "workers": opts.workers,
+        "partitions": opts.partitions or opts.workers,
+        "seed": opts.seed,
+        "weights": {
+            "view": weights.view,
+            "like": weights.like,
+            "neutral": weights.neutral,
+            "dislike": weights.dislike,
+            "watch_cap": weights.watch_cap,
         },
     }
-    v = report["variants"]
+
+
+def _definitions(opts: ReplayOptions) -> dict[str, Any]:
+    return {
+        **METRIC_DEFINITIONS,
+        "relevant": (
+            "For a list for user U that reflects U's events up to replay event i: "
+            f"among the next {opts.horizon_events} distinct videos U interacts with "
+            "after i"
+            + (
+                f" (and within {opts.horizon_seconds:g} s of event i)"
+                if opts.horizon_seconds
+                else ""
+            )
+            + " that U had not interacted with before, those U liked: the last "
+            "reaction is a like, or, with no reaction, the best view covered at least "
+            f"{opts.positive_fraction:g} of the video. Lists with no relevant video "
+            "are not scored. Metrics are means over scored lists."
+        ),
+        "latency_ms": (
+            "Per replayed event: from the replay handing the event to the Kafka "
+            "producer to the replay's consumer receiving the first list that reflects "
+            "it (end to end, through the broker, under the replay's load of at most "
+            f"{opts.max_in_flight} events in flight)."
+        ),
+        "latency_publish_ms": (
+            "Per replayed event: from the send to the Kafka timestamp of the list "
+            "record (set by the worker's producer when it publishes the list)."
+        ),
+        "request_points": (
+            "Every variant answers each live list's request point (user U after "
+            "replay event i) with what it knew after event i; the in-process variants "
+            "see exactly the events the worker had seen."
+        ),
+    }
+
+
+def _foldin_comparisons(sc: _Scoring, seed: int) -> dict[str, Any]:
+    """Fold-in against each baseline: NDCG@10 ratios and paired differences."""
+    out: dict[str, Any] = {}
+    v, scored, mask, users_of = sc.variants, sc.scored, sc.mask, sc.users_of
     if FOLDIN in v and RETRAIN in v and v[RETRAIN]["ndcg_at_10"]:
-        report["foldin_vs_retrain"] = {
+        out["foldin_vs_retrain"] = {
             "ndcg_fraction": v[FOLDIN]["ndcg_at_10"] / v[RETRAIN]["ndcg_at_10"],
             "ndcg_fraction_of_retrain_nofoldin": (
                 v[FOLDIN]["ndcg_at_10"] / v[RETRAIN_NOFOLDIN]["ndcg_at_10"]
@@ -318,95 +396,97 @@ def _replay(opts: ReplayOptions, prep: Prepared) -> tuple[dict[str, Any], F64 | 
         }
     if FOLDIN in v and mask.any():
         base = scored[FOLDIN].scores["ndcg_at_10"][mask]
-        report["foldin_ndcg_difference"] = {
+        out["foldin_ndcg_difference"] = {
             name: {
                 "difference": float(np.mean(base - scored[name].scores["ndcg_at_10"][mask])),
                 "ci95": list(
                     cluster_bootstrap(
-                        base - scored[name].scores["ndcg_at_10"][mask], users_of, seed=opts.seed
+                        base - scored[name].scores["ndcg_at_10"][mask], users_of, seed=seed
                     )
                 ),
             }
             for name in (POPULARITY, STATIC, RETRAIN_NOFOLDIN, RETRAIN)
             if name in scored
         }
-        report["foldin_ndcg_difference"]["definition"] = (
+        out["foldin_ndcg_difference"]["definition"] = (
             "mean over scored lists of fold-in's NDCG@10 minus the baseline's at the same "
             "request point, with a 95% interval from a bootstrap that resamples users (a "
             "user's lists are not independent); an interval above 0 means fold-in is better"
         )
     if FOLDIN in v:
-        report["foldin_vs_baselines"] = {
+        out["foldin_vs_baselines"] = {
             name: (
                 v[FOLDIN]["ndcg_at_10"] / v[name]["ndcg_at_10"] if v[name]["ndcg_at_10"] else None
             )
             for name in (POPULARITY, STATIC, RETRAIN_NOFOLDIN, RETRAIN)
             if name in v
         }
-    if live is not None:
-        lat = live.event_latency_ms
-        report["latency_ms"] = {
-            **percentiles(lat),
-            "mean": float(np.mean(lat)) if lat.size else None,
-            "max": float(np.max(lat)) if lat.size else None,
-            "events": int(lat.size),
-        }
-        report["latency_publish_ms"] = {
-            **percentiles(live.event_publish_ms),
-            "events": int(live.event_publish_ms.size),
-        }
-        strategies = [r.strategy for r in requests]
-        report["live"] = {
-            "events_sent": live.sent,
-            "events_skipped_invalid": live.skipped,
-            "videos_announced": live.announced,
-            "lists": len(requests),
-            "lists_popular": strategies.count("popular"),
-            "wall_s": live.wall_s,
-            "events_per_s": live.events_per_s,
-            "worker_startup_s": live.worker_startup_s,
-            "broker": opts.bootstrap_servers or "embedded Tansu",
-            "workers": opts.workers,
-        }
-        cold = [q for q, r in enumerate(requests) if r.strategy == "popular"]
-        if cold and POPULARITY in lists:
-            same = [lists[FOLDIN][q] == lists[POPULARITY][q] for q in cold]
-            common = [
-                len(set(lists[FOLDIN][q]) & set(lists[POPULARITY][q]))
-                / max(1, len(lists[FOLDIN][q]), len(lists[POPULARITY][q]))
-                for q in cold
-            ]
-            report["cold_start"] = {
-                "lists": len(cold),
-                "identical_to_popularity": float(np.mean(same)),
-                "overlap_at_10_with_popularity": float(np.mean(common)),
-                "definition": "the live workers' cold-start lists (strategy popular) against "
-                "the popularity variant's list at the same request point (time-decayed "
-                "positive events up to that point, the user's seen videos filtered): the "
-                "share of identical lists and the mean share of videos in common",
-            }
-        if checked is not None:
-            every = max(1, opts.check_every)
-            pairs = [(lists[FOLDIN][q], checked[q]) for q in range(0, len(requests), every)]
-            agree = [len(set(a) & set(b)) / max(1, len(a), len(b)) for a, b in pairs]
-            report["checks"] = {
-                "foldin_live_vs_inprocess_overlap_at_10": (
-                    float(np.mean(agree)) if agree else None
-                ),
-                "foldin_live_vs_inprocess_identical": (
-                    float(np.mean([a == b for a, b in pairs])) if pairs else None
-                ),
-                "lists_checked": len(pairs),
-                "definition": "the worker's core engine run in-process on the same events, at "
-                f"every {every}th request point: the mean share of videos the live list and "
-                "the in-process list have in common, and the share of identical lists "
-                "(same videos, same order)",
-            }
-    if opts.simulation is not None:
-        from worker.eval.simulate import run_simulation
+    return out
 
-        t0 = time.monotonic()
-        report["simulation"] = run_simulation(prep, opts.simulation)
-        timings["simulation_s"] = time.monotonic() - t0
-    report["timings_s"] = timings
-    return report, None if live is None else live.event_latency_ms
+
+def _live_sections(
+    opts: ReplayOptions,
+    live: LiveResult,
+    requests: list[Request],
+    lists: dict[str, list[list[int]]],
+    checked: list[list[int]] | None,
+) -> dict[str, Any]:
+    """Latency, the live run, cold-start lists against popularity, the in-process check."""
+    out: dict[str, Any] = {}
+    lat = live.event_latency_ms
+    out["latency_ms"] = {
+        **percentiles(lat),
+        "mean": float(np.mean(lat)) if lat.size else None,
+        "max": float(np.max(lat)) if lat.size else None,
+        "events": int(lat.size),
+    }
+    out["latency_publish_ms"] = {
+        **percentiles(live.event_publish_ms),
+        "events": int(live.event_publish_ms.size),
+    }
+    strategies = [r.strategy for r in requests]
+    out["live"] = {
+        "events_sent": live.sent,
+        "events_skipped_invalid": live.skipped,
+        "videos_announced": live.announced,
+        "lists": len(requests),
+        "lists_popular": strategies.count("popular"),
+        "wall_s": live.wall_s,
+        "events_per_s": live.events_per_s,
+        "worker_startup_s": live.worker_startup_s,
+        "broker": opts.bootstrap_servers or "embedded Tansu",
+        "workers": opts.workers,
+    }
+    cold = [q for q, r in enumerate(requests) if r.strategy == "popular"]
+    if cold and POPULARITY in lists:
+        same = [lists[FOLDIN][q] == lists[POPULARITY][q] for q in cold]
+        common = [
+            len(set(lists[FOLDIN][q]) & set(lists[POPULARITY][q]))
+            / max(1, len(lists[FOLDIN][q]), len(lists[POPULARITY][q]))
+            for q in cold
+        ]
+        out["cold_start"] = {
+            "lists": len(cold),
+            "identical_to_popularity": float(np.mean(same)),
+            "overlap_at_10_with_popularity": float(np.mean(common)),
+            "definition": "the live workers' cold-start lists (strategy popular) against "
+            "the popularity variant's list at the same request point (time-decayed "
+            "positive events up to that point, the user's seen videos filtered): the "
+            "share of identical lists and the mean share of videos in common",
+        }
+    if checked is not None:
+        every = max(1, opts.check_every)
+        pairs = [(lists[FOLDIN][q], checked[q]) for q in range(0, len(requests), every)]
+        agree = [len(set(a) & set(b)) / max(1, len(a), len(b)) for a, b in pairs]
+        out["checks"] = {
+            "foldin_live_vs_inprocess_overlap_at_10": (float(np.mean(agree)) if agree else None),
+            "foldin_live_vs_inprocess_identical": (
+                float(np.mean([a == b for a, b in pairs])) if pairs else None
+            ),
+            "lists_checked": len(pairs),
+            "definition": "the worker's core engine run in-process on the same events, at "
+            f"every {every}th request point: the mean share of videos the live list and "
+            "the in-process list have in common, and the share of identical lists "
+            "(same videos, same order)",
+        }
+    return out

@@ -385,123 +385,162 @@ def run_in_process(
     is made for a user who touched them, and those refits change the item
     gramian every fold-in uses, so only the same batch ends give the same lists.
     """
-    k = opts.k
-    n = end - split
-    values = table.values(opts.weights)
-    positive = table.positives(opts.positive_fraction, opts.weights.default_duration_s)
-    seen: dict[int, set[int]] = {}  # only users who appear in the replay need one
-    history = np.flatnonzero(np.isin(table.user[:split], np.unique(table.user[split:end])))
-    for u, v in zip(table.user[history].tolist(), table.video[history].tolist(), strict=True):
-        seen.setdefault(u, set()).add(v)
-    pop = Popularity(table.n_videos, t0_us=int(table.ts[split]), half_life_us=opts.half_life_us)
-    pre = np.flatnonzero(positive[:split])
-    pop.add_many(table.video[pre], table.ts[pre])
-    pop.refresh()
-    refresh_every = max(1, n // _POPULARITY_REFRESHES)
-    every = opts.retrain_every
-    retrain_at = set(range(every, n, every)) if every > 0 else set()
-    factor_models: dict[str, FactorModel] = {STATIC: static_factor_model(model, table)}
-    factor_models[RETRAIN_NOFOLDIN] = factor_models[STATIC]
-    engines: dict[str, Recommender] = {RETRAIN: Recommender(model, weights=opts.weights)}
-    if opts.foldin:
-        engines[FOLDIN_INPROCESS] = Recommender(model, weights=opts.weights)
-    registered: dict[str, set[str]] = {name: set() for name in engines}
-    names = [POPULARITY, *factor_models, *engines]
-    answers: dict[str, list[list[int]]] = {name: [[] for _ in requests] for name in names}
-    pending: dict[int, int] = {}  # user code -> request index
-    # The live worker's batches, for the core engine's check: batch end -> requests.
-    mirrored: dict[int, list[int]] = {}
-    if FOLDIN_INPROCESS in engines and any(r.batch_end is not None for r in requests):
-        for q, r in enumerate(requests):
-            mirrored.setdefault(r.idx if r.batch_end is None else r.batch_end, []).append(q)
-    timings = {"retrain_s": 0.0, "retrains": 0, "foldin_s": 0.0, "factor_s": 0.0}
+    run = _InProcessRun(table, split, end, model, requests, opts)
+    bar = tqdm(total=end - split, desc="baselines (in-process)", unit="ev", disable=not progress)
+    for j in range(end - split):
+        run.step(j)
+        bar.update(1)
+    run.flush()
+    bar.close()
+    return run.answers, run.timings
 
-    def flush() -> None:
-        if not pending:
+
+class _InProcessRun:
+    """The state of :func:`run_in_process`: every variant, replayed one event at a time."""
+
+    def __init__(
+        self,
+        table: EventTable,
+        split: int,
+        end: int,
+        model: Model,
+        requests: Sequence[Request],
+        opts: InProcessOptions,
+    ) -> None:
+        self.table, self.split, self.model, self.requests, self.opts = (
+            table, split, model, requests, opts
+        )  # fmt: skip
+        n = end - split
+        self.values = table.values(opts.weights)
+        self.positive = table.positives(opts.positive_fraction, opts.weights.default_duration_s)
+        self.seen: dict[int, set[int]] = {}  # only users who appear in the replay need one
+        history = np.flatnonzero(np.isin(table.user[:split], np.unique(table.user[split:end])))
+        for u, v in zip(table.user[history].tolist(), table.video[history].tolist(), strict=True):
+            self.seen.setdefault(u, set()).add(v)
+        self.pop = Popularity(
+            table.n_videos, t0_us=int(table.ts[split]), half_life_us=opts.half_life_us
+        )
+        pre = np.flatnonzero(self.positive[:split])
+        self.pop.add_many(table.video[pre], table.ts[pre])
+        self.pop.refresh()
+        self.refresh_every = max(1, n // _POPULARITY_REFRESHES)
+        every = opts.retrain_every
+        self.retrain_at = set(range(every, n, every)) if every > 0 else set()
+        self.factor_models: dict[str, FactorModel] = {STATIC: static_factor_model(model, table)}
+        self.factor_models[RETRAIN_NOFOLDIN] = self.factor_models[STATIC]
+        self.engines: dict[str, Recommender] = {RETRAIN: Recommender(model, weights=opts.weights)}
+        if opts.foldin:
+            self.engines[FOLDIN_INPROCESS] = Recommender(model, weights=opts.weights)
+        self.registered: dict[str, set[str]] = {name: set() for name in self.engines}
+        names = [POPULARITY, *self.factor_models, *self.engines]
+        self.answers: dict[str, list[list[int]]] = {name: [[] for _ in requests] for name in names}
+        self.pending: dict[int, int] = {}  # user code -> request index
+        # The live worker's batches, for the core engine's check: batch end -> requests.
+        self.mirrored: dict[int, list[int]] = {}
+        if FOLDIN_INPROCESS in self.engines and any(r.batch_end is not None for r in requests):
+            for q, r in enumerate(requests):
+                key = r.idx if r.batch_end is None else r.batch_end
+                self.mirrored.setdefault(key, []).append(q)
+        self.timings: dict[str, Any] = {
+            "retrain_s": 0.0, "retrains": 0, "foldin_s": 0.0, "factor_s": 0.0
+        }  # fmt: skip
+        self.req_i = 0
+
+    def flush(self) -> None:
+        """Answer every pending request of the model variants in one batch."""
+        if not self.pending:
             return
-        users = list(pending)
-        seen_sets = [seen.get(u, set()) for u in users]
+        users = list(self.pending)
+        seen_sets = [self.seen.get(u, set()) for u in users]
         t0 = time.monotonic()
-        for name, fm in factor_models.items():
-            for u_list, r in zip(fm.recommend(users, seen_sets, k), pending.values(), strict=True):
-                answers[name][r] = u_list
-        timings["factor_s"] += time.monotonic() - t0
+        for name, fm in self.factor_models.items():
+            lists = fm.recommend(users, seen_sets, self.opts.k)
+            for u_list, r in zip(lists, self.pending.values(), strict=True):
+                self.answers[name][r] = u_list
+        self.timings["factor_s"] += time.monotonic() - t0
         t0 = time.monotonic()
-        for name, engine in engines.items():
-            if name == FOLDIN_INPROCESS and mirrored:
+        for name, engine in self.engines.items():
+            if name == FOLDIN_INPROCESS and self.mirrored:
                 continue  # answered at the live batch ends
             picked = [
                 (u, r)
-                for u, r in pending.items()
-                if name != FOLDIN_INPROCESS or r % opts.check_every == 0
+                for u, r in self.pending.items()
+                if name != FOLDIN_INPROCESS or r % self.opts.check_every == 0
             ]
-            ids = [table.user_ids[u] for u, _ in picked]
+            ids = [self.table.user_ids[u] for u, _ in picked]
             for ul, (_, r) in zip(engine.recommend(ids), picked, strict=True):
-                answers[name][r] = [table.code_of(v) for v in ul.video_ids]
-        timings["foldin_s"] += time.monotonic() - t0
-        pending.clear()
+                self.answers[name][r] = [self.table.code_of(v) for v in ul.video_ids]
+        self.timings["foldin_s"] += time.monotonic() - t0
+        self.pending.clear()
 
-    req_i = 0
-    bar = tqdm(total=n, desc="baselines (in-process)", unit="ev", disable=not progress)
-    for j in range(n):
-        i = split + j
+    def _retrain(self, i: int) -> None:
+        self.flush()
+        t0 = time.monotonic()
+        retrained = fit_factor_model(
+            self.table, i, self.values, self.model, seed=self.opts.seed, threads=self.opts.threads
+        )
+        self.factor_models[RETRAIN_NOFOLDIN] = retrained.factors
+        self.engines[RETRAIN].swap_model(retrained.model)
+        self.timings["retrain_s"] += time.monotonic() - t0
+        self.timings["retrains"] += 1
+
+    def step(self, j: int) -> None:
+        """Replay event ``split + j`` into every variant, then answer its request points."""
+        table, i = self.table, self.split + j
         u, v = int(table.user[i]), int(table.video[i])
         vid = table.video_ids[v]
-        if j in retrain_at:
-            flush()
-            t0 = time.monotonic()
-            retrained = fit_factor_model(
-                table, i, values, model, seed=opts.seed, threads=opts.threads
+        if j in self.retrain_at:
+            self._retrain(i)
+        new_to = [name for name, e in self.engines.items() if _is_new(e, vid)]
+        if u in self.pending or (new_to and self.pending):
+            self.flush()  # refits of a new video's factors would change pending answers
+        self.seen.setdefault(u, set()).add(v)
+        if self.positive[i]:
+            self.pop.add(v, int(table.ts[i]))
+        if j % self.refresh_every == 0:
+            self.pop.refresh()
+        self._apply(j, i, vid, new_to)
+        if j in self.mirrored:
+            self._answer_mirrored(self.mirrored[j])
+        while self.req_i < len(self.requests) and self.requests[self.req_i].idx == j:
+            r = self.requests[self.req_i]
+            self.answers[POPULARITY][self.req_i] = self.pop.top(
+                self.seen.get(r.user, set()), self.opts.k
             )
-            factor_models[RETRAIN_NOFOLDIN] = retrained.factors
-            engines[RETRAIN].swap_model(retrained.model)
-            timings["retrain_s"] += time.monotonic() - t0
-            timings["retrains"] += 1
-        new_to = [name for name, e in engines.items() if _is_new(e, vid)]
-        if u in pending or (new_to and pending):
-            flush()  # refits of a new video's factors would change pending answers
-        seen.setdefault(u, set()).add(v)
-        if positive[i]:
-            pop.add(v, int(table.ts[i]))
-        if j % refresh_every == 0:
-            pop.refresh()
+            self.pending[r.user] = self.req_i
+            self.req_i += 1
+        if len(self.pending) >= _FLUSH_USERS:
+            self.flush()
+
+    def _apply(self, j: int, i: int, vid: str, new_to: list[str]) -> None:
+        """The event to the engines, registering a video new to an engine first."""
+        table = self.table
         a = int(table.action[i])
         event = RatingEvent.model_construct(  # validated when the table was loaded
             event_id=_event_id(j),
-            user_id=table.user_ids[u],
+            user_id=table.user_ids[int(table.user[i])],
             video_id=vid,
             action=ACTIONS[a],
             watch_seconds=float(table.watch[i]) if a == VIEW else None,
             ts=_dt(int(table.ts[i])),
         )
-        for name, engine in engines.items():
-            if name in new_to and vid not in registered[name]:
-                registered[name].add(vid)
+        for name, engine in self.engines.items():
+            if name in new_to and vid not in self.registered[name]:
+                self.registered[name].add(vid)
                 ev = video_event(vid, table.videos.get(vid), int(table.ts[i]))
                 if ev is not None:
                     engine.register_video(ev)
             engine.apply(event)
-        if j in mirrored:
-            t0 = time.monotonic()
-            qs = mirrored[j]
-            engine = engines[FOLDIN_INPROCESS]
-            for ul, q in zip(
-                engine.recommend([table.user_ids[requests[q].user] for q in qs]), qs, strict=True
-            ):
-                if q % opts.check_every == 0:
-                    answers[FOLDIN_INPROCESS][q] = [table.code_of(v) for v in ul.video_ids]
-            timings["foldin_s"] += time.monotonic() - t0
-        while req_i < len(requests) and requests[req_i].idx == j:
-            r = requests[req_i]
-            answers[POPULARITY][req_i] = pop.top(seen.get(r.user, set()), k)
-            pending[r.user] = req_i
-            req_i += 1
-        if len(pending) >= _FLUSH_USERS:
-            flush()
-        bar.update(1)
-    flush()
-    bar.close()
-    return answers, timings
+
+    def _answer_mirrored(self, qs: list[int]) -> None:
+        """The core engine's check, at the end of a live worker batch."""
+        t0 = time.monotonic()
+        engine = self.engines[FOLDIN_INPROCESS]
+        users = [self.table.user_ids[self.requests[q].user] for q in qs]
+        for ul, q in zip(engine.recommend(users), qs, strict=True):
+            if q % self.opts.check_every == 0:
+                self.answers[FOLDIN_INPROCESS][q] = [self.table.code_of(v) for v in ul.video_ids]
+        self.timings["foldin_s"] += time.monotonic() - t0
 
 
 def _is_new(engine: Recommender, video_id: str) -> bool:
