@@ -246,9 +246,21 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         text = Path(args.columns).read_text() if Path(args.columns).is_file() else args.columns
         mapping = ColumnMapping.model_validate_json(text)
     kw: dict[str, Any] = {}
-    for name in ("factors", "iterations", "regularization", "alpha"):
-        if getattr(args, name) is not None:
-            kw[name] = getattr(args, name)
+    flags = {
+        name: getattr(args, name)
+        for name in ("factors", "iterations", "regularization", "alpha")
+        if getattr(args, name) is not None
+    }
+    if args.params:
+        from dataclasses import replace
+
+        from worker.train import read_params
+
+        params, weights = read_params(args.params)
+        kw["params"] = replace(params, **flags)  # a flag overrides the file
+        kw["weights"] = weights
+    else:
+        kw.update(flags)
     model = bootstrap(
         args.logs,
         args.videos,
@@ -335,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int)
     p.add_argument("--regularization", type=float)
     p.add_argument("--alpha", type=float)
+    p.add_argument(
+        "--params",
+        help="JSON file of ALS params and optional event weights (refold tune's best.json); "
+        "--factors/--iterations/--regularization/--alpha override it",
+    )
     p.add_argument("--batch-size", type=int, default=1_000_000)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto")

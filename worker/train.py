@@ -20,9 +20,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -227,6 +228,7 @@ def bootstrap(
     regularization: float = DEFAULT_REGULARIZATION,
     alpha: float = DEFAULT_ALPHA,
     confidence: Confidence = "implicit",
+    params: AlsParams | None = None,
     batch_size: int = 1_000_000,
     threads: int = 0,
     gpu: GpuMode = "auto",
@@ -240,9 +242,21 @@ def bootstrap(
     """Train the base model from Parquet logs and save it to ``out``; returns the model.
 
     ``until`` trains on the events strictly before that time only (a prequential
-    split). Raises :class:`~worker.errors.DataError` for unusable input and
+    split). ``params``, when given, replaces ``factors``, ``iterations``,
+    ``regularization``, ``alpha`` and ``confidence`` (a ``--params`` file, see
+    :func:`read_params`). Raises :class:`~worker.errors.DataError` for unusable input and
     :class:`~worker.errors.ConfigError` for impossible settings.
     """
+    if params is None:
+        params = AlsParams(
+            factors=factors,
+            regularization=regularization,
+            alpha=alpha,
+            iterations=iterations,
+            confidence=confidence,
+        )
+    factors, iterations = params.factors, params.iterations
+    regularization, alpha = params.regularization, params.alpha
     if factors < 1 or iterations < 1 or regularization < 0 or alpha <= 0 or threads < 0:
         raise ConfigError(
             "factors and iterations must be >= 1, regularization >= 0, alpha > 0 and "
@@ -262,13 +276,6 @@ def bootstrap(
         progress=progress,
     )
     data = drop_invalid_ids(data)
-    params = AlsParams(
-        factors=factors,
-        regularization=regularization,
-        alpha=alpha,
-        iterations=iterations,
-        confidence=confidence,
-    )
     log.info(
         "fitting ALS on %d users x %d videos (%d values), %s",
         data.matrix.shape[0],
@@ -319,3 +326,40 @@ def _weights_dict(w: Weights) -> dict[str, float]:
         "watch_cap": w.watch_cap,
         "default_duration_s": w.default_duration_s,
     }
+
+
+def read_params(path: str | Path) -> tuple[AlsParams, Weights | None]:
+    """Training parameters from a JSON file (``refold bootstrap --params``, ``refold
+    replay --params``, the ``best.json`` of ``refold tune``).
+
+    The object holds :class:`~worker.core.model.AlsParams` keys (``factors``,
+    ``regularization`` and ``alpha`` required) and optionally ``"weights"``: an object of
+    :class:`~worker.core.scoring.Weights` fields. An unknown key is a ``ConfigError``.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read params file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file {path}: expected a JSON object")
+    data = dict(data)
+    raw_weights = data.pop("weights", None)
+    try:
+        params = AlsParams.from_dict(data, strict=True)
+        weights = None if raw_weights is None else weights_from_dict(raw_weights)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"params file {path}: {exc}") from exc
+    return params, weights
+
+
+def weights_from_dict(data: Any) -> Weights:
+    """:class:`Weights` from a JSON object of its fields; an unknown field is a ValueError."""
+    if not isinstance(data, dict):
+        raise ValueError("'weights' must be an object")
+    known = {f.name for f in fields(Weights)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown weights key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return Weights(**{k: float(v) for k, v in data.items()})

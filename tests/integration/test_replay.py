@@ -233,3 +233,32 @@ def test_simulate_in_process_reports_precision_per_round(synthetic: Path, tmp_pa
 
 def _model_dir(report_dir: Path) -> Path:
     return Path(json.loads((report_dir / "report.json").read_text())["model"]["path"])
+
+
+def test_replay_trains_and_serves_with_a_params_file(synthetic: Path, tmp_path: Path) -> None:
+    """``--params`` reaches the split model (params) and the replay's event values (weights)."""
+    params = tmp_path / "best.json"
+    params.write_text(
+        json.dumps(
+            {"factors": 7, "regularization": 0.3, "alpha": 2.0, "iterations": 3,
+             "confidence": "one_plus", "weights": {"like": 4.0, "view": 0.5}}
+        )
+    )  # fmt: skip
+    out = tmp_path / "report"
+    code = main(
+        [
+            "replay", *_data_args(synthetic), "--split-frac", "0.8", "--report", str(out),
+            "--no-kafka", "--retrain-every", "0", "--max-events", "300", "--params", str(params),
+            "--iterations", "2", "--keep-model", "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((_model_dir(out) / "manifest.json").read_text())
+    assert manifest["params"] == {
+        "factors": 7, "regularization": 0.3, "alpha": 2.0, "iterations": 2,
+        "confidence": "one_plus",
+    }  # fmt: skip
+    assert manifest["data_summary"]["training"]["weights"]["like"] == 4.0
+    assert report["settings"]["weights"]["like"] == 4.0
+    assert report["settings"]["weights"]["view"] == 0.5

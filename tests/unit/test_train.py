@@ -313,3 +313,57 @@ def test_params_from_dict_defaults_and_unknown_keys() -> None:
     assert AlsParams.from_dict({**p.to_dict(), "bogus": 1}, strict=False) == p
     with pytest.raises(ValueError, match="confidence"):
         AlsParams.from_dict({**p.to_dict(), "confidence": "bm25"})
+
+
+def test_params_file_trains_its_params_and_weights_and_flags_override_it(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    from worker.cli import main
+    from worker.storage import read_manifest
+
+    params = tmp_path / "best.json"
+    params.write_text(
+        json.dumps(
+            {
+                "factors": 12,
+                "regularization": 0.2,
+                "alpha": 3.0,
+                "iterations": 3,
+                "confidence": "one_plus",
+                "weights": {"like": 5.0, "dislike": 1.5},
+            }
+        )
+    )
+    out = tmp_path / "m"
+    argv = ["bootstrap", "--logs", str(data_dir / "logs.parquet")]
+    argv += ["--videos", str(data_dir / "video_stat.parquet"), "--out", str(out)]
+    argv += ["--reactions", str(data_dir / "reactions.parquet"), "--params", str(params)]
+    argv += ["--factors", "6", "--threads", "1", "--gpu", "off", "--quiet"]
+    assert main(argv) == 0
+    model = load_model(out)
+    assert model.params == AlsParams(
+        factors=6, regularization=0.2, alpha=3.0, iterations=3, confidence="one_plus"
+    )
+    weights = read_manifest(out)["data_summary"]["training"]["weights"]
+    assert weights["like"] == 5.0 and weights["dislike"] == 1.5 and weights["view"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"factors": 4, "regularization": 0.1, "alpha": 1, "bogus": 2}', "bogus"),
+        ('{"factors": 4, "regularization": 0.1, "alpha": 1, "weights": {"likes": 2}}', "likes"),
+        ('{"factors": 4}', "missing"),
+        ("[1, 2]", "JSON object"),
+        ("{nope", "cannot read"),
+    ],
+)
+def test_a_bad_params_file_is_a_config_error_naming_the_problem(
+    tmp_path: Path, text: str, match: str
+) -> None:
+    from worker.train import read_params
+
+    f = tmp_path / "p.json"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        read_params(f)

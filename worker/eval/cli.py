@@ -57,6 +57,11 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, help="ALS iterations of the bootstrap model")
     p.add_argument("--regularization", type=float, help="ALS regularization")
     p.add_argument("--alpha", type=float, help="ALS confidence scale")
+    p.add_argument(
+        "--params",
+        help="JSON file of ALS params and event weights (as bootstrap --params); the flags "
+        "above override it",
+    )
     p.add_argument("--keep-model", action="store_true", help="keep the trained model in DIR/model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -92,7 +97,14 @@ def _data_options(args: argparse.Namespace) -> Any:
 
         text = Path(args.columns).read_text() if Path(args.columns).is_file() else args.columns
         mapping = ColumnMapping.model_validate_json(text)
+    params = weights = None
+    if args.params:
+        from worker.train import read_params
+
+        params, weights = read_params(args.params)
     return ReplayOptions(
+        params=params,
+        weights=weights,
         columns=mapping,
         logs=list(args.logs),
         videos=args.videos,

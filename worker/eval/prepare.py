@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from worker.core.model import Model
+from worker.core.model import AlsParams, Model
 from worker.core.scoring import Weights
 from worker.errors import DataError
 from worker.eval.events import _US, EventTable, _dt, load_events, split_index, write_training_files
@@ -65,8 +65,10 @@ class ReplayOptions:
     keep_model: bool = False
     simulation: Any = None  # SimulateOptions: also run the feedback-loop simulation
     command: str = ""
-    columns: Any = None  # worker.data.ingest.ColumnMapping, for layouts bootstrap cannot detect
+    columns: Any = None  # worker.data.layout.ColumnMapping, for layouts bootstrap cannot detect
     train_options: dict[str, Any] = field(default_factory=dict)
+    params: AlsParams | None = None  # a --params file; the fields above override it
+    weights: Weights | None = None  # event weights for training and serving (None: defaults)
 
 
 def train_split_model(table: EventTable, split: int, work: Path, opts: ReplayOptions) -> Model:
@@ -81,10 +83,17 @@ def train_split_model(table: EventTable, split: int, work: Path, opts: ReplayOpt
     from worker.train import bootstrap
 
     kw: dict[str, Any] = dict(opts.train_options)
-    for name in ("factors", "iterations", "regularization", "alpha"):
-        value = getattr(opts, name)
-        if value is not None:
-            kw[name] = value
+    flags = {
+        name: getattr(opts, name)
+        for name in ("factors", "iterations", "regularization", "alpha")
+        if getattr(opts, name) is not None
+    }
+    if opts.params is not None:
+        kw["params"] = replace(opts.params, **flags)
+    else:
+        kw.update(flags)
+    if opts.weights is not None:
+        kw["weights"] = opts.weights
     common: dict[str, Any] = {
         "duration_unit": opts.duration_unit,
         "progress": opts.progress,
@@ -178,7 +187,7 @@ def prepare(opts: ReplayOptions, work: Path) -> Prepared:
         model_dir=model_dir,
         trained=trained,
         half_life_us=float(half_life_us),
-        weights=Weights(),
+        weights=opts.weights or Weights(),
         timings=timings,
     )
 
