@@ -23,6 +23,26 @@ import numpy.typing as npt
 
 
 @dataclass(frozen=True, slots=True)
+class PairState:
+    """What decides whether a (user, video) pair is positive: the one definition of
+    "positive" that popularity, relevance and the simulated users share.
+
+    A pair is positive when its last reaction is ``like``; with no reaction, when one of
+    its views reached ``positive_fraction`` of the video. So a view plus a ``neutral``
+    (a 3-star MovieLens rating) is not positive, and a full view plus a ``like`` (5 stars)
+    is one positive pair, not two positive events. Popularity counts a pair once, from the
+    event that made it positive, and drops it when a later reaction makes it negative.
+    """
+
+    reaction: str | None = None  # the last reaction: like / neutral / dislike
+    reached: bool = False  # a view reached positive_fraction
+
+    @property
+    def positive(self) -> bool:
+        return self.reaction == "like" if self.reaction is not None else self.reached
+
+
+@dataclass(frozen=True, slots=True)
 class Weights:
     """Confidence weights; configuration overrides the defaults."""
 
@@ -40,14 +60,30 @@ class Weights:
     def is_positive(
         self, action: str, watch_seconds: float | None, duration_s: float | None
     ) -> bool:
-        """The one definition of a positive event: live popularity, the replay's popularity
-        baseline and relevance all use it. A like, or a view of >= ``positive_fraction``."""
+        """Whether one event is positive on its own: a like, or a view of >=
+        ``positive_fraction``. Whether a (user, video) *pair* is positive is
+        :meth:`pair_after`'s (a later neutral or dislike overrides the view)."""
         if action == "like":
             return True
         if action != "view":
             return False
         duration = duration_s if duration_s and duration_s > 0 else self.default_duration_s
         return (watch_seconds or 0.0) / duration >= self.positive_fraction
+
+    def pair_after(
+        self,
+        state: PairState | None,
+        action: str,
+        watch_seconds: float | None,
+        duration_s: float | None,
+    ) -> PairState:
+        """The state of a (user, video) pair after one more of its events (see
+        :class:`PairState`); ``state`` None is a pair without events."""
+        state = state or PairState()
+        if action == "view":
+            reached = state.reached or self.is_positive(action, watch_seconds, duration_s)
+            return PairState(state.reaction, reached)
+        return PairState(action, state.reached)
 
     def event_value(
         self, action: str, watch_seconds: float | None, duration_s: float | None

@@ -171,15 +171,82 @@ class EventTable:
         out[self.action == DISLIKE] = -weights.dislike
         return out.astype(np.float32)
 
-    def positives(
-        self, positive_fraction: float, default_duration_s: float
-    ) -> npt.NDArray[np.bool_]:
-        """Events that are positive on their own: a like, or a view of >= positive_fraction."""
-        frac = np.nan_to_num(self.fractions(default_duration_s), nan=0.0)
-        out: npt.NDArray[np.bool_] = (self.action == LIKE) | (
-            (self.action == VIEW) & (frac >= positive_fraction)
+    def positive_changes(
+        self, positive_fraction: float, default_duration_s: float, lo: int = 0, hi: int = -1
+    ) -> PositiveChanges:
+        """Where (user, video) pairs become positive or stop being positive, over the events
+        ``[lo, hi)`` (``hi`` -1: to the end), by :class:`worker.core.scoring.PairState`'s
+        definition; :func:`positive_changes_reference` is the slow, obvious version."""
+        hi = len(self) if hi < 0 else hi
+        n = hi - lo
+        key = self.user[lo:hi].astype(np.int64) * np.int64(max(1, self.n_videos))
+        key += self.video[lo:hi]
+        order = np.argsort(key, kind="stable")  # by pair, each pair's events in time order
+        k = key[order]
+        first = np.ones(n, dtype=bool)
+        first[1:] = k[1:] != k[:-1]
+        pair_start = np.flatnonzero(first)[np.cumsum(first) - 1]
+        act = self.action[lo:hi][order]
+        frac = np.nan_to_num(self.fractions(default_duration_s)[lo:hi][order], nan=0.0)
+        pos = np.arange(n)
+        last_reaction = np.maximum.accumulate(np.where(act != VIEW, pos, -1)) if n else pos
+        has_reaction = last_reaction >= pair_start
+        hits = np.cumsum((act == VIEW) & (frac >= positive_fraction))
+        before = hits[pair_start] - ((act == VIEW) & (frac >= positive_fraction))[pair_start]
+        positive = np.where(
+            has_reaction, act[np.maximum(last_reaction, 0)] == LIKE, hits - before > 0
         )
-        return out
+        was = np.zeros(n, dtype=bool)
+        was[1:] = positive[:-1]
+        was &= ~first
+        at = np.flatnonzero(positive != was)  # changes alternate +, -, + within a pair
+        sign = np.where(positive[at], 1, -1).astype(np.int8)
+        since = at.copy()
+        since[sign < 0] = at[np.flatnonzero(sign < 0) - 1]  # the + change it undoes
+        idx, since_idx = order[at] + lo, order[since] + lo
+        by_time = np.argsort(idx, kind="stable")
+        return PositiveChanges(
+            idx=idx[by_time].astype(np.int64),
+            sign=sign[by_time],
+            since_ts=self.ts[since_idx[by_time]],
+        )
+
+
+@dataclass
+class PositiveChanges:
+    """Events where a (user, video) pair became positive (``sign`` +1) or stopped being
+    positive (-1), in time order; ``since_ts`` is the time of the +1 change that a -1
+    undoes (its own time for a +1), so a decayed count can take back exactly what it
+    added."""
+
+    idx: I64
+    sign: npt.NDArray[np.int8]
+    since_ts: I64
+
+
+def positive_changes_reference(
+    table: EventTable, weights: Weights, lo: int = 0, hi: int = -1
+) -> list[tuple[int, int, int]]:
+    """``(index, sign, since_ts)`` of every change, one event at a time through
+    :meth:`Weights.pair_after` (the rule the engine applies)."""
+    hi = len(table) if hi < 0 else hi
+    states: dict[tuple[int, int], Any] = {}
+    since: dict[tuple[int, int], int] = {}
+    out: list[tuple[int, int, int]] = []
+    for i in range(lo, hi):
+        pair = (int(table.user[i]), int(table.video[i]))
+        old = states.get(pair)
+        a = ACTIONS[int(table.action[i])]
+        duration = float(table.duration_s[pair[1]])
+        watch = float(table.watch[i]) if a == "view" else None
+        new = states[pair] = weights.pair_after(
+            old, a, watch, duration if math.isfinite(duration) else None
+        )
+        if new.positive != (old is not None and old.positive):
+            if new.positive:
+                since[pair] = int(table.ts[i])
+            out.append((i, 1 if new.positive else -1, since[pair]))
+    return out
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:

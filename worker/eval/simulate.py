@@ -321,9 +321,10 @@ def simulate_popularity(
     """The same users against the time-aware popularity ranking at the split."""
     table, split = prep.table, prep.split
     pop = Popularity(table.n_videos, t0_us=int(table.ts[split]), half_life_us=prep.half_life_us)
-    positive = table.positives(opts.positive_fraction, prep.weights.default_duration_s)
-    pre = np.flatnonzero(positive[:split])
-    pop.add_many(table.video[pre], table.ts[pre])
+    changes = table.positive_changes(
+        opts.positive_fraction, prep.weights.default_duration_s, 0, split
+    )
+    pop.add_changes(table, changes, split)
     pop.refresh()
     code_of = {v: i for i, v in enumerate(table.video_ids)}
     log = RoundLog()

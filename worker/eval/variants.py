@@ -30,13 +30,13 @@ from worker.eval.events import (
     _US,
     ACTIONS,
     FOLDIN_INPROCESS,
-    LIKE,
     POPULARITY,
     RETRAIN,
     RETRAIN_NOFOLDIN,
     STATIC,
     VIEW,
     EventTable,
+    PositiveChanges,
     Request,
     _dt,
     _event_id,
@@ -56,9 +56,9 @@ class Relevance:
     """Per user, the videos they interact with after the split, for prequential scoring.
 
     A *unit* is one (user, video) pair first met after the split and not seen
-    before it: its first replay index and time, and whether the user liked it
-    (last reaction is ``like``; with no reaction, best watched fraction >=
-    ``positive_fraction``).
+    before it: its first replay index and time, and whether it is positive at the
+    end of the window (:class:`worker.core.scoring.PairState`: last reaction
+    ``like``; with no reaction, a view of >= ``positive_fraction``).
     """
 
     user: I32  # units sorted by (user, first index)
@@ -86,22 +86,11 @@ class Relevance:
         pre_keys = np.unique(table.user[:split].astype(np.int64) * nv + table.video[:split])
         keys = table.user[split:end].astype(np.int64) * nv + table.video[split:end]
         uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        act = table.action[split:end]
-        frac = np.nan_to_num(table.fractions(default_duration_s)[split:end], nan=0.0)
-        best_frac = np.zeros(len(uniq))
-        view = act == VIEW
-        np.maximum.at(best_frac, inverse[view], frac[view])
-        # Last reaction per unit: the reaction with the largest replay index wins.
-        last_reaction = np.full(len(uniq), -1, dtype=np.int64)
-        react_idx = np.flatnonzero(~view)
-        if react_idx.size:
-            last_pos = np.full(len(uniq), -1, dtype=np.int64)
-            np.maximum.at(last_pos, inverse[react_idx], react_idx)
-            has = last_pos >= 0
-            last_reaction[has] = act[last_pos[has]]
-        positive = np.where(
-            last_reaction >= 0, last_reaction == LIKE, best_frac >= positive_fraction
-        )
+        # Positive at the end of the window: the pair's changes in it sum to +1.
+        changes = table.positive_changes(positive_fraction, default_duration_s, split, end)
+        net = np.zeros(len(uniq), dtype=np.int64)
+        np.add.at(net, inverse[changes.idx - split], changes.sign)
+        positive = net > 0
         fresh = ~np.isin(uniq, pre_keys)
         users = (uniq // nv).astype(np.int32)[fresh]
         order = np.lexsort((first[fresh], users))
@@ -133,7 +122,9 @@ class Relevance:
 
 
 class Popularity:
-    """Time-aware popularity: each positive event counts ``2 ** ((t - t0) / half_life)``.
+    """Time-aware popularity: each positive (user, video) pair counts once,
+    ``2 ** ((t - t0) / half_life)`` with ``t`` the time it became positive
+    (:class:`worker.core.scoring.PairState`), until a later reaction makes it negative.
 
     Weighting by a growing factor instead of decaying every count gives the same
     ranking as an exponential decay of age, with O(1) work per event.
@@ -143,21 +134,32 @@ class Popularity:
         self.t0 = t0_us
         self.half_life = max(1.0, half_life_us)
         self.counts = np.zeros(n_videos, dtype=np.float64)
+        self.active = np.zeros(n_videos, dtype=np.int64)  # positive pairs per video
         self.order: I64 = np.zeros(0, dtype=np.int64)
 
     def weight(self, ts_us: I64 | int) -> F64:
         x = (np.asarray(ts_us, dtype=np.float64) - self.t0) / self.half_life
         return np.exp2(np.clip(x, -_MAX_DECAY_EXPONENT, _MAX_DECAY_EXPONENT))
 
-    def add_many(self, videos: I32, ts_us: I64) -> None:
-        np.add.at(self.counts, videos, self.weight(ts_us))
+    def add_many(self, videos: I32, ts_us: I64, sign: npt.NDArray[np.int8] | None = None) -> None:
+        """Count positive pairs (``sign`` +1) or take them back (-1, ``ts_us`` the time
+        they became positive)."""
+        s = np.ones(len(videos), dtype=np.int64) if sign is None else sign.astype(np.int64)
+        np.add.at(self.counts, videos, s * self.weight(ts_us))
+        np.add.at(self.active, videos, s)
 
-    def add(self, video: int, ts_us: int) -> None:
-        self.counts[video] += float(self.weight(ts_us))
+    def add(self, video: int, ts_us: int, sign: int = 1) -> None:
+        self.counts[video] += sign * float(self.weight(ts_us))
+        self.active[video] += sign
+
+    def add_changes(self, table: EventTable, changes: PositiveChanges, upto: int) -> None:
+        """Every change before event ``upto``."""
+        n = int(np.searchsorted(changes.idx, upto))
+        self.add_many(table.video[changes.idx[:n]], changes.since_ts[:n], changes.sign[:n])
 
     def refresh(self) -> None:
-        """Re-sort the ranking (only videos with a positive count are eligible)."""
-        eligible = np.flatnonzero(self.counts > 0)
+        """Re-sort the ranking (only videos with a positive pair now are eligible)."""
+        eligible = np.flatnonzero(self.active > 0)
         self.order = eligible[np.argsort(-self.counts[eligible], kind="stable")]
 
     def top(self, seen: set[int], k: int) -> list[int]:
@@ -412,7 +414,13 @@ class _InProcessRun:
         )  # fmt: skip
         n = end - split
         self.values = table.values(opts.weights)
-        self.positive = table.positives(opts.positive_fraction, opts.weights.default_duration_s)
+        changes = table.positive_changes(
+            opts.positive_fraction, opts.weights.default_duration_s, 0, end
+        )
+        self.change_sign = np.zeros(end, dtype=np.int8)  # at most one change per event
+        self.change_sign[changes.idx] = changes.sign
+        self.change_since = np.zeros(end, dtype=np.int64)
+        self.change_since[changes.idx] = changes.since_ts
         self.seen: dict[int, set[int]] = {}  # only users who appear in the replay need one
         history = np.flatnonzero(np.isin(table.user[:split], np.unique(table.user[split:end])))
         for u, v in zip(table.user[history].tolist(), table.video[history].tolist(), strict=True):
@@ -420,8 +428,7 @@ class _InProcessRun:
         self.pop = Popularity(
             table.n_videos, t0_us=int(table.ts[split]), half_life_us=opts.half_life_us
         )
-        pre = np.flatnonzero(self.positive[:split])
-        self.pop.add_many(table.video[pre], table.ts[pre])
+        self.pop.add_changes(table, changes, split)
         self.pop.refresh()
         self.refresh_every = max(1, n // _POPULARITY_REFRESHES)
         every = opts.retrain_every
@@ -495,8 +502,8 @@ class _InProcessRun:
         if u in self.pending or (new_to and self.pending):
             self.flush()  # refits of a new video's factors would change pending answers
         self.seen.setdefault(u, set()).add(v)
-        if self.positive[i]:
-            self.pop.add(v, int(table.ts[i]))
+        if self.change_sign[i]:
+            self.pop.add(v, int(self.change_since[i]), int(self.change_sign[i]))
         if j % self.refresh_every == 0:
             self.pop.refresh()
         self._apply(j, i, vid, new_to)
