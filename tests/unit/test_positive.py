@@ -28,7 +28,7 @@ def _table(rows: list[tuple[int, int, int, int, float]], n_users: int, n_videos:
         user=np.array(user, dtype=np.int32),
         video=np.array(video, dtype=np.int32),
         action=np.array(action, dtype=np.int8),
-        watch=np.array([w if a == VIEW else np.nan for a, w in zip(action, watch)]),
+        watch=np.array([w if a == VIEW else np.nan for a, w in zip(action, watch, strict=True)]),
         user_ids=[f"u{i}" for i in range(n_users)],
         video_ids=[f"v{i}" for i in range(n_videos)],
         duration_s=np.full(n_videos, _DUR),
@@ -62,7 +62,9 @@ def test_the_old_definitions_disagreed_and_the_new_one_is_shared() -> None:
     old = (t.action == LIKE) | ((t.action == VIEW) & (frac >= 0.5))
     assert old.tolist() == [True, False, True, True, True, True, False, False, True]
     ch = t.positive_changes(0.5, _DUR)
-    got = list(zip(ch.idx.tolist(), ch.sign.tolist(), (ch.since_ts // 1_000_000).tolist()))
+    got = list(
+        zip(ch.idx.tolist(), ch.sign.tolist(), (ch.since_ts // 1_000_000).tolist(), strict=True)
+    )
     # +1 at the 3-star view, -1 at its neutral (taking back the view's weight); one +1 for
     # the 5-star pair; +1 for the view alone; +1/-1 for like-then-dislike; none for the
     # dislike-then-view pair.

@@ -1,4 +1,4 @@
-"""CLI commands of the evaluation package: ``replay``, ``simulate`` and ``convert``.
+"""CLI commands of the evaluation package: ``replay``, ``simulate``, ``convert`` and ``tune``.
 
 :func:`worker.cli.build_parser` calls :func:`add_commands` with its subparsers.
 Each command parses options, builds an options object and calls one function.
@@ -326,6 +326,78 @@ def add_commands(sub: Any) -> None:
     _add_simulation(p)
     p.set_defaults(func=cmd_simulate)
     _add_convert(sub)
+    _add_tune(sub)
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _add_tune(sub: Any) -> None:
+    """``refold tune``: the hyper-parameter search (worker.eval.tune)."""
+    p = sub.add_parser(
+        "tune", help="hyper-parameter search scored by prequential NDCG@10 before the test split"
+    )
+    p.add_argument("--logs", nargs="+", required=True, help="watch logs: files, dirs or globs")
+    p.add_argument("--videos", required=True, help="video metadata Parquet (video_stat)")
+    p.add_argument("--reactions", help="reactions Parquet (user_id, video_id, action, ts)")
+    p.add_argument("--out", required=True, type=Path, help="study, best.json and report")
+    p.add_argument("--trials", type=int, default=20, help="complete trials to reach (20)")
+    p.add_argument("--test-split", type=float, default=0.8, help="test split fraction (0.8)")
+    p.add_argument(
+        "--validation",
+        type=_fractions,
+        default=(0.5, 0.6, 0.7),
+        help="validation split fractions, each scored up to the next (0.5,0.6,0.7)",
+    )
+    p.add_argument(
+        "--seeds", type=_fractions, default=(0.0,), help="seeds of the ALS initial factors (0)"
+    )
+    p.add_argument(
+        "--max-events",
+        type=int,
+        default=0,
+        help="score at most this many events per window (0: all)",
+    )
+    p.add_argument("--batch", type=int, default=200, help="events per worker poll (200)")
+    p.add_argument("--positive-fraction", type=float, default=0.5)
+    p.add_argument(
+        "--duration-unit", choices=["auto", "s", "ms"], default="auto", help="video durations"
+    )
+    p.add_argument("--threads", type=int, default=0, help="implicit's threads (0: every core)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and intervals")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from worker.eval.events import command_line
+    from worker.eval.tune import TuneOptions, run_tune
+
+    report = run_tune(
+        TuneOptions(
+            logs=list(args.logs),
+            videos=args.videos,
+            reactions=args.reactions,
+            out=args.out,
+            trials=args.trials,
+            test_split=args.test_split,
+            validation=args.validation,
+            seeds=tuple(int(s) for s in args.seeds),
+            max_events=args.max_events,
+            batch=args.batch,
+            positive_fraction=args.positive_fraction,
+            duration_unit=args.duration_unit,
+            threads=args.threads,
+            seed=args.seed,
+            progress=not args.quiet,
+            command=command_line(),
+        )
+    )
+    test = report["test"]
+    summary = {name: test[name]["ndcg_at_10"] for name in ("best", "defaults", "popularity")}
+    print(json.dumps({"out": str(args.out), "best": str(args.out / "best.json"), **summary}))
+    return 0
 
 
 def _add_convert(sub: Any) -> None:

@@ -166,19 +166,8 @@ def prepare(opts: ReplayOptions, work: Path) -> Prepared:
         model_dir = work / "model"
         trained = True
     timings["bootstrap_s"] = time.monotonic() - t0
-    # The model's durations are what the worker scores views with.
-    code_of_video = {v: i for i, v in enumerate(table.video_ids)}
-    for row, vid in enumerate(model.items.ids):
-        c = code_of_video.get(vid)
-        d = float(model.videos.duration_s[row])
-        if c is not None and math.isfinite(d) and d > 0:
-            table.duration_s[c] = d
-    span_us = int(table.ts[end - 1] - table.ts[split])
-    half_life_us = (
-        opts.popularity_half_life * _US
-        if opts.popularity_half_life
-        else max(3600 * _US, span_us / 10)  # a tenth of the replay, at least an hour
-    )
+    adopt_model_durations(table, model)
+    half_life_us = popularity_half_life_us(table, split, end, opts.popularity_half_life)
     return Prepared(
         table=table,
         split=split,
@@ -190,6 +179,26 @@ def prepare(opts: ReplayOptions, work: Path) -> Prepared:
         weights=opts.weights or Weights(),
         timings=timings,
     )
+
+
+def adopt_model_durations(table: EventTable, model: Model) -> None:
+    """The model's durations into the table: they are what the worker scores views with."""
+    code_of_video = {v: i for i, v in enumerate(table.video_ids)}
+    for row, vid in enumerate(model.items.ids):
+        c = code_of_video.get(vid)
+        d = float(model.videos.duration_s[row])
+        if c is not None and math.isfinite(d) and d > 0:
+            table.duration_s[c] = d
+
+
+def popularity_half_life_us(
+    table: EventTable, split: int, end: int, half_life_s: float | None
+) -> float:
+    """The popularity baseline's half-life: ``half_life_s``, or a tenth of the replayed
+    span, at least an hour."""
+    if half_life_s:
+        return float(half_life_s * _US)
+    return float(max(3600 * _US, int(table.ts[end - 1] - table.ts[split]) / 10))
 
 
 def keep_model(prep: Prepared, out: Path) -> str:

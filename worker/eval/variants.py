@@ -361,6 +361,8 @@ class InProcessOptions:
     check_every: int = 1
     seed: int = 0
     threads: int = 0
+    #: False: popularity and the in-process fold-in only (what ``refold tune`` scores).
+    baselines: bool = True
 
 
 def run_in_process(
@@ -433,9 +435,12 @@ class _InProcessRun:
         self.refresh_every = max(1, n // _POPULARITY_REFRESHES)
         every = opts.retrain_every
         self.retrain_at = set(range(every, n, every)) if every > 0 else set()
-        self.factor_models: dict[str, FactorModel] = {STATIC: static_factor_model(model, table)}
-        self.factor_models[RETRAIN_NOFOLDIN] = self.factor_models[STATIC]
-        self.engines: dict[str, Recommender] = {RETRAIN: Recommender(model, weights=opts.weights)}
+        self.factor_models: dict[str, FactorModel] = {}
+        self.engines: dict[str, Recommender] = {}
+        if opts.baselines:
+            self.factor_models[STATIC] = static_factor_model(model, table)
+            self.factor_models[RETRAIN_NOFOLDIN] = self.factor_models[STATIC]
+            self.engines[RETRAIN] = Recommender(model, weights=opts.weights)
         if opts.foldin:
             self.engines[FOLDIN_INPROCESS] = Recommender(model, weights=opts.weights)
         self.registered: dict[str, set[str]] = {name: set() for name in self.engines}
@@ -486,8 +491,9 @@ class _InProcessRun:
         retrained = fit_factor_model(
             self.table, i, self.values, self.model, seed=self.opts.seed, threads=self.opts.threads
         )
-        self.factor_models[RETRAIN_NOFOLDIN] = retrained.factors
-        self.engines[RETRAIN].swap_model(retrained.model)
+        if RETRAIN in self.engines:
+            self.factor_models[RETRAIN_NOFOLDIN] = retrained.factors
+            self.engines[RETRAIN].swap_model(retrained.model)
         self.timings["retrain_s"] += time.monotonic() - t0
         self.timings["retrains"] += 1
 
