@@ -43,3 +43,16 @@ def test_a_shared_value_reads_back_decayed() -> None:
 def test_negative_half_life_is_refused() -> None:
     with pytest.raises(ValueError, match="half_life_s"):
         LivePopularity(1, half_life_s=-1.0)
+
+
+def test_a_removed_pair_takes_back_exactly_its_weight() -> None:
+    pop = LivePopularity(3, half_life_s=3600.0)
+    pop.add(0, 1 * _H)
+    pop.add(1, 2 * _H)
+    pop.add(1, 3 * _H)
+    pop.remove(1, 2 * _H)  # the pair counted at 2 h turned negative
+    want = decayed_counts_reference([0, 1], [1 * _H, 3 * _H], 3, half_life_s=3600.0, now_us=4 * _H)
+    np.testing.assert_allclose(pop.values(4 * _H), want, rtol=1e-12)
+    pop.remove(0, 1 * _H)
+    assert pop.value(0, 4 * _H) == 0.0
+    assert pop.order().tolist() == [1]  # no residue keeps video 0 eligible

@@ -25,6 +25,8 @@ _US = 1_000_000
 # Rescale when an exponent passes this: 2**60 ~ 1e18 keeps float64 counts far from overflow
 # and far from losing the small ones in sums with large ones (53-bit mantissa, relative).
 _RESCALE_EXPONENT = 60.0
+#: A count below this share of one pair's weight after a removal is rounding error.
+_RESIDUE = 1e-6
 
 
 class LivePopularity:
@@ -67,6 +69,16 @@ class LivePopularity:
         self.grow(item + 1)
         self._rebase(ts_us)
         self._scaled[item] += weight * float(2.0 ** self._exponent(ts_us))
+
+    def remove(self, item: int, since_us: int) -> None:
+        """Take back a positive pair counted at ``since_us`` (a later reaction made it
+        negative: :class:`worker.core.scoring.PairState`). A count left with nothing but
+        rounding error is 0, so the video leaves :meth:`order`."""
+        self.grow(item + 1)
+        amount = float(2.0 ** self._exponent(since_us))
+        left = self._scaled[item] - amount
+        # Below a millionth of one pair's weight is float residue of adds and removes.
+        self._scaled[item] = left if left > _RESIDUE * amount else 0.0
 
     def add_many(self, items: I64, ts_us: I64) -> None:
         """Count positive events (vectorised :meth:`add` with weight 1)."""
