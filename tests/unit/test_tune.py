@@ -65,3 +65,22 @@ def test_best_json_round_trips_through_read_params(tmp_path: Path) -> None:
     path = tmp_path / "best.json"
     path.write_text(json.dumps(best_json(params, weights)))
     assert read_params(path) == (params, weights)
+
+
+def test_a_trial_left_running_is_failed_on_resume_and_the_defaults_run_first(
+    tmp_path: Path,
+) -> None:
+    from optuna.trial import TrialState
+
+    from worker.eval.tune import open_study
+
+    study = open_study(tmp_path, seed=0)
+    first = study.ask()  # the enqueued defaults
+    assert suggest(first) == (default_params(), Weights())
+    # A run killed mid-trial leaves it RUNNING in the journal; the next run fails it.
+    resumed = open_study(tmp_path, seed=0)
+    assert [t.state for t in resumed.trials] == [TrialState.FAIL, TrialState.WAITING]
+    again = open_study(tmp_path, seed=0)
+    assert len(again.trials) == 2  # the waiting defaults are not enqueued twice
+    assert suggest(again.ask()) == (default_params(), Weights())  # the defaults, again
+    assert (tmp_path / "study.journal").stat().st_size > 0

@@ -18,7 +18,8 @@ NDCG@10 of the fold-in engine on validation windows *before* the test split.
   event weights (view, like, neutral, dislike).
 * **Resumable.** The study lives in ``DIR/study.journal`` (optuna's journal file); a
   second run with the same DIR continues until ``--trials`` trials are complete. The
-  first trial is the defaults. A trial left running by a killed run is marked failed.
+  first trial is the defaults (again, when it failed). A trial left running by a killed
+  run is marked failed.
 * **Output.** ``best.json`` (the ``--params`` format of ``refold bootstrap`` and
   ``refold replay``), ``trials.json`` (every trial: params, per-window scores, mean),
   ``report.json`` / ``report.md`` with the test-window NDCG@10 of the best trial, the
@@ -376,8 +377,10 @@ def open_study(out: Path, seed: int) -> Any:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         log.warning("trial %d was left running by an earlier run: marked failed", t.number)
         study.tell(t.number, state=TrialState.FAIL)
-    if not study.trials:
-        study.enqueue_trial(trial_values(default_params(), Weights()))
+    if not any(t.user_attrs.get("defaults") and t.state != TrialState.FAIL for t in study.trials):
+        study.enqueue_trial(
+            trial_values(default_params(), Weights()), user_attrs={"defaults": True}
+        )
     return study
 
 
@@ -493,7 +496,9 @@ def _test_report(opts: TuneOptions, table: EventTable, study: Any) -> dict[str, 
             "validation_ndcg_at_10": best.value,
             "params": best.user_attrs["best_json"],
         },
-        "defaults_validation_ndcg_at_10": next((t.value for t in complete if t.number == 0), None),
+        "defaults_validation_ndcg_at_10": next(
+            (t.value for t in complete if t.user_attrs.get("defaults")), None
+        ),
         "test": test,
         "reproduce": (
             f"refold bootstrap --logs {logs} --videos {opts.videos}"
