@@ -395,6 +395,7 @@ def run_tune(opts: TuneOptions) -> dict[str, Any]:
         raise ConfigError(f"--trials must be >= 1, got {opts.trials}")
     if len(opts.seeds) > 1 and not _supports_seed():
         raise ConfigError("bootstrap takes no random_state here: give one --seeds value")
+    windows(opts.validation, opts.test_split)  # bad splits fail before any work
     opts.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     table = load_events(

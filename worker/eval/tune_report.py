@@ -29,7 +29,7 @@ def plot_trials(report: dict[str, Any], path: Path) -> Path | None:
     ax.set_xlabel("trial")
     ax.set_ylabel("validation NDCG@10 (mean over windows and seeds)")
     ax.set_title("refold tune")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     return _save(fig, path)
 
 
