@@ -490,6 +490,7 @@ def replay_live(
     progress: bool,
     workers: int = 1,
     partitions: int | None = None,
+    popularity_half_life_s: float | None = None,
 ) -> LiveResult:
     """Send events ``[split, end)`` to live workers; collect one request per published list.
 
@@ -508,6 +509,11 @@ def replay_live(
         durable=durable,
         workers=workers,
         partitions=partitions,
+        extra_env=(
+            {"REFOLD_POPULARITY_HALF_LIFE_S": repr(popularity_half_life_s)}
+            if popularity_half_life_s
+            else None
+        ),
     ) as live:
         started = time.monotonic()
         worker_startup_s = started - t_start

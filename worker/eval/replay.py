@@ -190,6 +190,7 @@ def _run_live(opts: ReplayOptions, prep: Prepared, timings: dict[str, float]) ->
         progress=opts.progress,
         workers=opts.workers,
         partitions=opts.partitions,
+        popularity_half_life_s=prep.half_life_us / _US,
     )
     timings["live_replay_s"] = time.monotonic() - t0
     return live

@@ -440,9 +440,9 @@ class _InProcessRun:
         if opts.baselines:
             self.factor_models[STATIC] = static_factor_model(model, table)
             self.factor_models[RETRAIN_NOFOLDIN] = self.factor_models[STATIC]
-            self.engines[RETRAIN] = Recommender(model, weights=opts.weights)
+            self.engines[RETRAIN] = self._engine(model)
         if opts.foldin:
-            self.engines[FOLDIN_INPROCESS] = Recommender(model, weights=opts.weights)
+            self.engines[FOLDIN_INPROCESS] = self._engine(model)
         self.registered: dict[str, set[str]] = {name: set() for name in self.engines}
         names = [POPULARITY, *self.factor_models, *self.engines]
         self.answers: dict[str, list[list[int]]] = {name: [[] for _ in requests] for name in names}
@@ -457,6 +457,15 @@ class _InProcessRun:
             "retrain_s": 0.0, "retrains": 0, "foldin_s": 0.0, "factor_s": 0.0
         }  # fmt: skip
         self.req_i = 0
+
+    def _engine(self, model: Model) -> Recommender:
+        """An engine whose live popularity decays as the popularity baseline's does (the
+        replay's workers get the same half-life), so cold-start lists and the popularity
+        blend use the time-aware popularity the baseline is scored with."""
+        if not self.opts.half_life_us:
+            return Recommender(model, weights=self.opts.weights)
+        half_life_s = self.opts.half_life_us / 1e6
+        return Recommender(model, weights=self.opts.weights, popularity_half_life_s=half_life_s)
 
     def flush(self) -> None:
         """Answer every pending request of the model variants in one batch."""
