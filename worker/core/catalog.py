@@ -20,6 +20,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 from worker.core.als import F32, ItemIndex, fold_in, gramian
+from worker.core.blend import augmented_index, item_moments
 from worker.core.ids import IdMap
 from worker.core.model import AlsParams, Model
 
@@ -75,7 +76,10 @@ class Catalog:
             self.new[idx] = _NewVideo(prior=prior, interactions={})
             self._factors[idx] = prior
         self.gram: F32 = gramian(self.factors)
+        # Σ y_i over the catalogue (float64), kept with ``gram`` for the blend's item moments.
+        self.factor_sum: npt.NDArray[np.float64] = self.factors.astype(np.float64).sum(axis=0)
         self._index: ItemIndex | None = None
+        self._blend: ItemIndex | None = None  # the index with the popularity column
         self._stale: set[int] = set()  # items whose factors changed since the index saw them
 
     # ---- read side -------------------------------------------------------------------------
@@ -110,10 +114,22 @@ class Catalog:
             stale = np.array(sorted(i for i in self._stale if i < n_indexed), dtype=np.int64)
             if len(stale):
                 self._index.update(stale, self._factors[stale])
+                self._blend = None  # its factor columns are out of date
             self._stale.clear()
         if len(self.items) > n_indexed:
             self._index.extend(self._factors[n_indexed : len(self.items)])
         return self._index
+
+    def blend_index(self, g: F32) -> ItemIndex:
+        """:meth:`index` with the popularity column ``g`` (``log1p`` of live popularity, per
+        item index) appended, for :func:`worker.core.blend.blend_top_k`."""
+        base = self.index()
+        self._blend = augmented_index(base, g, self._blend)
+        return self._blend
+
+    def moments(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Mean and population covariance of the catalogue's item factors."""
+        return item_moments(self.factor_sum, self.gram, len(self.items))
 
     # ---- write side ------------------------------------------------------------------------
 
@@ -139,6 +155,7 @@ class Catalog:
         self.gram = (self.gram.astype(np.float64) + np.outer(new, new) - np.outer(old, old)).astype(
             np.float32
         )
+        self.factor_sum += new - old
         self._factors[idx] = vec
         self._stale.add(idx)
 

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from worker.core.als import F32, fold_in, gramian, top_k
+from worker.core.blend import blend_top_k
 from worker.core.catalog import Catalog
 from worker.core.ids import IdMap
 from worker.core.model import Model
@@ -316,10 +317,29 @@ class Recommender:
         states = [self.state_of(u) for u in user_ids]
         personal = [i for i, st in enumerate(states) if st.has_positive()]
         out: list[UserList | None] = [None] * len(user_ids)
+        pop: npt.NDArray[np.float64] | None = None
         if personal:
             x = np.stack([states[i].factors for i in personal]).astype(np.float32)  # type: ignore[misc]
             exclude = [np.array(list(states[i].row), dtype=np.int64) for i in personal]
-            items, scores = top_k(self.catalog.index(), x, exclude, self.k)
+            params = self.model.params
+            if params.blend_returning or params.blend_new:
+                pop = self.popularity_values()
+                betas = np.array(
+                    [
+                        params.blend_returning if user_ids[i] in self.model.users
+                        else params.blend_new
+                        for i in personal
+                    ],
+                    dtype=np.float64,
+                )  # fmt: skip
+                mean, cov = self.catalog.moments()
+                g = np.log1p(np.maximum(pop, 0.0)).astype(np.float32)
+                items, blended = blend_top_k(
+                    self.catalog.blend_index(g), x, betas, mean, cov, exclude, self.k
+                )
+                scores = blended.astype(np.float32)
+            else:
+                items, scores = top_k(self.catalog.index(), x, exclude, self.k)
             ids = self.catalog.items.ids
             # Whole-matrix conversions: per-row numpy indexing costs more than the ranking.
             for i, its, scs in zip(personal, items.tolist(), scores.tolist(), strict=True):
@@ -330,7 +350,8 @@ class Recommender:
                     scores=scs[:n],
                     strategy="als",
                 )
-        pop = self.popularity_values() if None in out else None
+        if pop is None and None in out:
+            pop = self.popularity_values()
         for i, st in enumerate(states):
             if out[i] is None:
                 out[i] = self._popular(user_ids[i], st, pop)

@@ -30,6 +30,11 @@ class AlsParams:
     #: How row values become confidences (see :func:`worker.core.als.confidence`); models
     #: saved before this setting existed load as ``"implicit"``, what they were trained with.
     confidence: Confidence = "implicit"
+    # popularity blend: the ranking score is z(x·y) + β·log1p(live popularity), with β for
+    # users the base model knows (returning) and for users new to it; 0 (the default) ranks
+    # by the ALS score alone (see :mod:`worker.core.blend`).
+    blend_returning: float = 0.0
+    blend_new: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +57,8 @@ class AlsParams:
             "regularization": float,
             "alpha": float,
             "confidence": str,
+            "blend_returning": float,
+            "blend_new": float,
         }
         values = {k: kinds[k](v) for k, v in data.items() if k in known}
         missing = [k for k in ("factors", "regularization", "alpha") if k not in values]
@@ -60,6 +67,10 @@ class AlsParams:
         conf = values.get("confidence", "implicit")
         if conf not in ("implicit", "one_plus"):
             raise ValueError(f"confidence must be 'implicit' or 'one_plus', got {conf!r}")
+        for name in ("blend_returning", "blend_new"):
+            beta = values.get(name, 0.0)
+            if not (beta >= 0.0 and beta < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {beta!r}")
         return cls(**values)
 
 
