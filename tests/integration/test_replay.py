@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from worker.cli import main
+from worker.core.model import AlsParams
 from worker.data.synth import synthesize
 
 pytestmark = pytest.mark.integration
@@ -256,8 +257,8 @@ def test_replay_trains_and_serves_with_a_params_file(synthetic: Path, tmp_path: 
     report = json.loads((out / "report.json").read_text())
     manifest = json.loads((_model_dir(out) / "manifest.json").read_text())
     assert manifest["params"] == {
-        "factors": 7, "regularization": 0.3, "alpha": 2.0, "iterations": 2,
-        "confidence": "one_plus",
+        **AlsParams(factors=7, regularization=0.3, alpha=2.0).to_dict(),
+        "iterations": 2, "confidence": "one_plus",
     }  # fmt: skip
     assert manifest["data_summary"]["training"]["weights"]["like"] == 4.0
     assert report["settings"]["weights"]["like"] == 4.0

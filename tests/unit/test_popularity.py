@@ -56,3 +56,24 @@ def test_a_removed_pair_takes_back_exactly_its_weight() -> None:
     pop.remove(0, 1 * _H)
     assert pop.value(0, 4 * _H) == 0.0
     assert pop.order().tolist() == [1]  # no residue keeps video 0 eligible
+
+
+def test_events_far_older_than_the_reference_time_decay_away_without_overflow() -> None:
+    """A replay's clock can start at a recent event (a worker's start-up probe) and then see
+    events years older: their weights underflow towards 0 and nothing overflows."""
+    pop = LivePopularity(4, half_life_s=60.0)
+    recent = 1_000_000 * _H
+    pop.add(0, recent)
+    old = [recent - 2000 * _H + k * _H for k in range(5)]  # 120,000 half-lives earlier
+    for t in old:
+        pop.add(1, t)
+    pop.add_many(np.array([2, 2]), np.array(old[:2]))
+    now = recent
+    want = decayed_counts_reference(
+        [0, 1, 1, 1, 1, 1, 2, 2], [recent, *old, *old[:2]],
+        4, half_life_s=60.0, now_us=now,
+    )  # fmt: skip
+    got = pop.values(now)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got[1:], want[1:], atol=1e-300)  # decayed away: 0
+    assert got[0] == pytest.approx(1.0)

@@ -43,6 +43,7 @@ from worker.eval.events import (
     EventTable,
     ReplayError,
     Request,
+    _dt,
     _event_id,
     _replay_index,
     rating_event,
@@ -97,6 +98,7 @@ class LiveWorker:
         extra_env: dict[str, str] | None = None,
         workers: int = 1,
         partitions: int | None = None,
+        probe_ts: datetime | None = None,
     ) -> None:
         if workers < 1:
             raise ConfigError(f"workers must be >= 1, got {workers}")
@@ -108,6 +110,10 @@ class LiveWorker:
         self.workers = workers
         self.model_dir = model_dir
         self.probe_video = probe_video
+        # The probe's event time. A replay passes its first event's: the probe then does not
+        # move the workers' clock (live popularity decays to the latest event time) ahead
+        # of the replayed events, as a wall-clock probe years after them would.
+        self.probe_ts = probe_ts
         self.given_servers = bootstrap_servers
         self.log_path = log_path
         self.durable = durable
@@ -225,7 +231,7 @@ class LiveWorker:
                 f"a stable group of {self.workers} workers",
             )
         self.producer = Publisher(make_producer(kafka))
-        now = datetime.now(timezone.utc)
+        now = self.probe_ts or datetime.now(timezone.utc)
         probes = [
             RatingEvent(
                 event_id=f"probe-{uuid.uuid4().hex}",
@@ -509,6 +515,7 @@ def replay_live(
         durable=durable,
         workers=workers,
         partitions=partitions,
+        probe_ts=_dt(int(table.ts[split])),
         extra_env=(
             {"REFOLD_POPULARITY_HALF_LIFE_S": repr(popularity_half_life_s)}
             if popularity_half_life_s
