@@ -14,7 +14,7 @@ NDCG@10 of the fold-in engine on validation windows *before* the test split.
   :func:`~worker.eval.scoring.score_variants`.
 * **Space** (:func:`suggest`): factors, regularization, alpha, iterations, the
   confidence mode and every other ``Literal`` field of :class:`AlsParams` (row decay and
-  its half-life where they exist), float fields named ``blend_*`` in [0, 1], and the
+  its half-life where they exist), float fields named ``blend_*`` in [0, 16], and the
   event weights (view, like, neutral, dislike).
 * **Resumable.** The study lives in ``DIR/study.journal`` (optuna's journal file); a
   second run with the same DIR continues until ``--trials`` trials are complete. The
@@ -155,12 +155,16 @@ def _literal_choices(name: str) -> tuple[Any, ...] | None:
     return None
 
 
+#: Upper end of the popularity blend's β in the search.
+BLEND_MAX = 16.0
+
+
 def suggest(trial: Any) -> tuple[AlsParams, Weights]:
     """One point of the search space from an optuna trial (``FixedTrial`` works too).
 
     Fields are found on :class:`AlsParams` itself, so the space grows with it: every
     ``Literal`` field is a choice, ``decay_half_life`` a log range that depends on the
-    decay mode, every float ``blend_*`` field a share in [0, 1].
+    decay mode, every float ``blend_*`` field in [0, ``BLEND_MAX``].
     """
     values: dict[str, Any] = {
         "factors": trial.suggest_int("factors", 8, 128, log=True),
@@ -174,7 +178,9 @@ def suggest(trial: Any) -> tuple[AlsParams, Weights]:
         if choices is not None and name not in values:
             values[name] = trial.suggest_categorical(name, list(choices))
         elif name.startswith("blend_"):
-            values[name] = trial.suggest_float(name, 0.0, 1.0)
+            # β of the popularity blend: the weight of log1p(popularity) beside a z-scored
+            # ALS score (worker/core/blend.py), so a few units already reorder lists.
+            values[name] = trial.suggest_float(name, 0.0, BLEND_MAX)
     if "decay_half_life" in names and values.get("decay", "none") in DECAY_HALF_LIFE:
         lo, hi = DECAY_HALF_LIFE[values["decay"]]
         key = f"decay_half_life_{values['decay']}"
