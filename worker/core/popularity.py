@@ -29,6 +29,19 @@ _RESCALE_EXPONENT = 60.0
 _RESIDUE = 1e-6
 
 
+def _exp2(x: F64 | float) -> float:
+    """``2 ** x`` as a float: 0 where it underflows, the largest float where it overflows
+    (a read far before the reference time), never an exception."""
+    with np.errstate(over="ignore", under="ignore"):
+        return float(min(np.exp2(float(x)), np.finfo(np.float64).max))
+
+
+def _exp2_array(x: F64 | float) -> F64:
+    with np.errstate(over="ignore", under="ignore"):
+        out: F64 = np.minimum(np.exp2(x), np.finfo(np.float64).max)
+        return out
+
+
 class LivePopularity:
     """Decayed positive-event counts per item index, growable as videos are added."""
 
@@ -56,26 +69,30 @@ class LivePopularity:
         return (np.asarray(ts_us, dtype=np.float64) - self.t_ref_us) / self.half_life_us
 
     def _rebase(self, ts_us: int) -> None:
-        """Move ``t_ref`` to ``ts_us`` when an exponent would pass the rescale bound."""
+        """Move ``t_ref`` forward to ``ts_us`` when its exponent would pass the rescale bound.
+
+        Only forward: an event far older than ``t_ref`` has a weight that underflows towards
+        0 (it has decayed away), which is the right value, while moving ``t_ref`` back would
+        scale every newer count up past float range."""
         if self.half_life_us == 0:
             return
         x = (ts_us - self.t_ref_us) / self.half_life_us
-        if abs(x) > _RESCALE_EXPONENT:
-            self._scaled *= 2.0 ** (-x)
+        if x > _RESCALE_EXPONENT:
+            self._scaled *= _exp2(-x)
             self.t_ref_us = int(ts_us)
 
     def add(self, item: int, ts_us: int, weight: float = 1.0) -> None:
         """Count one positive event on ``item`` at ``ts_us``."""
         self.grow(item + 1)
         self._rebase(ts_us)
-        self._scaled[item] += weight * float(2.0 ** self._exponent(ts_us))
+        self._scaled[item] += weight * _exp2(self._exponent(ts_us))
 
     def remove(self, item: int, since_us: int) -> None:
         """Take back a positive pair counted at ``since_us`` (a later reaction made it
         negative: :class:`worker.core.scoring.PairState`). A count left with nothing but
         rounding error is 0, so the video leaves :meth:`order`."""
         self.grow(item + 1)
-        amount = float(2.0 ** self._exponent(since_us))
+        amount = _exp2(self._exponent(since_us))
         left = self._scaled[item] - amount
         # Below a millionth of one pair's weight is float residue of adds and removes.
         self._scaled[item] = left if left > _RESIDUE * amount else 0.0
@@ -86,13 +103,13 @@ class LivePopularity:
             return
         self.grow(int(np.max(items)) + 1)
         self._rebase(int(np.max(ts_us)))
-        np.add.at(self._scaled, items, np.exp2(self._exponent(ts_us)))
+        np.add.at(self._scaled, items, _exp2_array(self._exponent(ts_us)))
 
     def set(self, item: int, value: float, asof_us: int) -> None:
         """Install a count shared by the video's owner: ``value`` decayed to ``asof_us``."""
         self.grow(item + 1)
         self._rebase(asof_us)
-        self._scaled[item] = value * float(2.0 ** self._exponent(asof_us))
+        self._scaled[item] = value * _exp2(self._exponent(asof_us))
 
     def seed(self, values: F64, asof_us: int) -> None:
         """Install counts for items ``0 .. len(values) - 1`` as of ``asof_us`` (replacing
@@ -100,9 +117,7 @@ class LivePopularity:
         n = len(values)
         self.grow(n)
         self._rebase(asof_us)
-        self._scaled[:n] = np.asarray(values, dtype=np.float64) * float(
-            2.0 ** self._exponent(asof_us)
-        )
+        self._scaled[:n] = np.asarray(values, dtype=np.float64) * _exp2(self._exponent(asof_us))
 
     # ---- read side -------------------------------------------------------------------------
 
@@ -110,11 +125,11 @@ class LivePopularity:
         """The decayed count of ``item`` at ``now_us``."""
         if item >= self.n_items:
             return 0.0
-        return float(self._scaled[item] * 2.0 ** (-self._exponent(now_us)))
+        return float(self._scaled[item] * _exp2(-self._exponent(now_us)))
 
     def values(self, now_us: int) -> F64:
         """Decayed counts of every item at ``now_us`` (a new array)."""
-        out: F64 = self._scaled[: self.n_items] * float(2.0 ** (-self._exponent(now_us)))
+        out: F64 = self._scaled[: self.n_items] * _exp2(-self._exponent(now_us))
         return out
 
     def order(self) -> I64:
