@@ -13,15 +13,17 @@ A base model's items keep their trained factors. A video announced on the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-from worker.core.als import F32, ItemIndex, fold_in, gramian
+from worker.core.als import F32, ItemIndex, gramian
 from worker.core.blend import augmented_index, item_moments
 from worker.core.ids import IdMap
+from worker.core.items import Member, item_solve
 from worker.core.model import AlsParams, Model
 
 _NONE: tuple[F32, int] = (np.zeros(0, dtype=np.float32), 0)
@@ -211,36 +213,31 @@ class Catalog:
         return True
 
     def refit_new_items(
-        self, item_idxs: list[int], user_factor_of: dict[int, F32], user_gram: F32
+        self,
+        item_idxs: list[int],
+        members_of: Callable[[int, dict[int, float]], list[Member]],
+        user_gram: F32,
     ) -> None:
-        """Item-side fold-in of new videos from the users who interacted with them."""
-        f = self._factors.shape[1]
-        todo = [i for i in item_idxs if i in self.new and self.new[i].interactions]
-        if not todo:
-            return
-        # Stack the interacting users' factors; each row refers into that stack.
-        keys = sorted({u for i in todo for u in self.new[i].interactions})
-        pos = {u: j for j, u in enumerate(keys)}
-        stack = np.zeros((len(keys), f), dtype=np.float32)
-        for u, j in pos.items():
-            stack[j] = user_factor_of[u]
-        rows = [
-            (
-                np.array([pos[u] for u in self.new[i].interactions], dtype=np.int64),
-                np.array(list(self.new[i].interactions.values()), dtype=np.float32),
+        """Item-side solve of new videos from the users who interacted with them
+        (:func:`worker.core.items.item_solve`, the same exact solve the videos' owners run
+        when several workers share the item side). ``members_of(item, interactions)``
+        turns a video's ``user_key -> value`` map into solve members."""
+        for i in sorted(set(item_idxs)):
+            entry = self.new.get(i)
+            if entry is None or not entry.interactions:
+                continue
+            vec = item_solve(
+                user_gram,
+                members_of(i, entry.interactions),
+                regularization=self.params.regularization,
+                alpha=self.params.alpha,
+                confidence_mode=self.params.confidence,
             )
-            for i in todo
-        ]
-        solved = fold_in(
-            stack,
-            user_gram,
-            rows,
-            regularization=self.params.regularization,
-            alpha=self.params.alpha,
-            confidence_mode=self.params.confidence,
-        )
-        for i, vec in zip(todo, solved, strict=True):
             self._set_factor(i, vec)
+
+    def install(self, item_idx: int, vec: F32) -> None:
+        """Set a new video's factors as its owner solved them (shared item side)."""
+        self._set_factor(item_idx, np.asarray(vec, dtype=np.float32))
 
 
 def _group_sums(factors: F32, codes: npt.NDArray[np.int32]) -> dict[int, tuple[F32, int]]:

@@ -17,6 +17,7 @@ from worker.core.als import F32, fold_in, gramian, top_k
 from worker.core.blend import blend_top_k
 from worker.core.catalog import Catalog
 from worker.core.ids import IdMap
+from worker.core.items import Contribution, ItemUpdate, Member
 from worker.core.model import Model
 from worker.core.popularity import LivePopularity
 from worker.core.scoring import Weights
@@ -71,10 +72,18 @@ class Recommender:
         dedup_window: int = DEFAULT_DEDUP_WINDOW,
         popularity_half_life_s: float = DEFAULT_POPULARITY_HALF_LIFE_S,
         live_popularity: bool = True,
+        shared_items: bool = False,
     ) -> None:
         # False keeps the model's popularity fixed (the notebook: one person's ratings
         # replayed in a session should not reorder everyone's cold-start list).
         self.live_popularity = live_popularity
+        # True (the Kafka worker): new videos' factors come from their owners
+        # (:mod:`worker.core.items`), installed with :meth:`install_item_update`; this
+        # engine then sends :meth:`contributions` and solves no video itself.
+        self.shared_items = shared_items
+        # The latest update received per new video, of any model version: a swap to the
+        # version it belongs to installs it (an owner may have swapped first).
+        self._item_updates: dict[str, ItemUpdate] = {}
         self.weights = weights or Weights()
         self.popularity_half_life_s = float(popularity_half_life_s)
         # The latest event time applied (µs): "now" for live popularity.
@@ -128,6 +137,8 @@ class Recommender:
             self.weights = prepared.weights
         self._user_gram = prepared.user_gram
         self._seed_popularity()
+        for update in list(self._item_updates.values()):
+            self.install_item_update(update)
 
     def _seed_popularity(self) -> None:
         """Live popularity starts from the model's (its training positives), as of the
@@ -287,15 +298,77 @@ class Recommender:
         """
         stale = [u for u in dict.fromkeys(user_ids) if self.state_of(u).factors is None]
         self._fold_in(stale)
+        if self.shared_items:
+            return  # the videos' owners solve them from this batch's contributions
         new_items = {i for u in stale for i in self.users[u].row if i in self.catalog.new}
         if not new_items:
             return
         keys = sorted({k for i in new_items for k in self.catalog.new[i].interactions})
         interactors = [self.user_idx.id_of(k) for k in keys]
         self._fold_in([u for u in interactors if self.state_of(u).factors is None])
-        factor_of = {k: self.users[u].factors for k, u in zip(keys, interactors, strict=True)}
-        self.catalog.refit_new_items(sorted(new_items), factor_of, self._user_gram)  # type: ignore[arg-type]
+        self.catalog.refit_new_items(sorted(new_items), self._members, self._user_gram)
         self._fold_in([u for u in stale if any(i in new_items for i in self.users[u].row)])
+
+    def trained_factors(self, user_id: str) -> F32 | None:
+        """A user's factors in the model as trained (None for a user new to it)."""
+        idx = self.model.users.get(user_id)
+        return None if idx is None else self.model.user_factors[idx]
+
+    def _members(self, item: int, interactions: Mapping[int, float]) -> list[Member]:
+        out: list[Member] = []
+        for key in sorted(interactions, key=self.user_idx.id_of):
+            uid = self.user_idx.id_of(key)
+            x = self.users[uid].factors
+            assert x is not None  # folded in above
+            out.append((interactions[key], x, self.trained_factors(uid)))
+        return out
+
+    # ---- shared item side (worker.core.items) ----------------------------------------------
+
+    def contributions(
+        self, user_ids: Iterable[str], event_ms: Mapping[str, int] | None = None
+    ) -> list[Contribution]:
+        """What the owners of new videos need from ``user_ids`` (folded in by
+        :meth:`recommend`): one per new video in each user's row, value and factors."""
+        new = self.catalog.new
+        out: list[Contribution] = []
+        for uid in dict.fromkeys(user_ids):
+            st = self.users.get(uid)
+            if st is None or st.factors is None:
+                continue
+            ms = (event_ms or {}).get(uid, 0)
+            for i, v in st.row.items():
+                if i in new:
+                    out.append(
+                        Contribution(
+                            video_id=self.catalog.items.id_of(i),
+                            user_id=uid,
+                            model_version=self.model_version,
+                            value=float(v),
+                            factors=st.factors,
+                            event_ms=ms,
+                        )
+                    )
+        return out
+
+    def install_item_update(self, update: ItemUpdate) -> bool:
+        """Install a new video's factors from its owner; True when they were taken.
+
+        Kept (not installed) when it is of another model version; ignored when the
+        current model trained the video (its own factors win)."""
+        self._item_updates[update.video_id] = update
+        if update.model_version != self.model_version:
+            return False
+        idx = self.catalog.ensure(update.video_id)
+        if idx not in self.catalog.new or len(update.factors) != self.catalog.factors.shape[1]:
+            return False
+        self.catalog.install(idx, update.factors)
+        return True
+
+    def new_item_factors(self) -> dict[str, F32]:
+        """Factors of every video new to the model, by id (checks and tools)."""
+        items, factors = self.catalog.items, self.catalog.factors
+        return {items.id_of(i): factors[i].copy() for i in self.catalog.new}
 
     def _fold_in(self, user_ids: Sequence[str]) -> None:
         if not user_ids:
