@@ -131,6 +131,8 @@ class Topics:
             dlq=f"{p}.ratings.dlq",
             changelog=f"{p}.changelog",
             control=f"{p}.models",
+            item_contributions=f"{p}.item-contributions",
+            item_updates=f"{p}.item-updates",
         )
 
     def env(self) -> dict[str, str]:

@@ -87,6 +87,16 @@ class TopicSettings(BaseSettings):
     control: str = Field(
         default="refold.models", description="Model versions to hot-swap to (compacted)."
     )
+    item_contributions: str = Field(
+        default="refold.item-contributions",
+        description="What the owner of a new video needs to solve it: each user's row value "
+        "and factors, keyed by (video_id, user_id), on the partition of video_id (compacted).",
+    )
+    item_updates: str = Field(
+        default="refold.item-updates",
+        description="New videos' solved factors from their owners, keyed by video_id "
+        "(compacted); every worker reads it.",
+    )
 
 
 class WorkerSettings(BaseSettings):
@@ -138,6 +148,24 @@ class WorkerSettings(BaseSettings):
         default=86_400.0,
         ge=0,
         description="Half-life in seconds of live popularity (cold-start lists); 0: plain count.",
+    )
+    shared_items: bool = Field(
+        default=True,
+        description="Share new videos' factors between workers: one owner per video solves "
+        "them from every worker's users (False: each worker solves from its own users).",
+    )
+    item_group: str | None = Field(
+        default=None,
+        description="Consumer group of the new-video owners on item_contributions "
+        "(default: the worker group's name + '-items').",
+    )
+    items_dump: Path | None = Field(
+        default=None,
+        description="On a clean stop, write the new videos' factors here as JSON (checks).",
+    )
+    items_trace: Path | None = Field(
+        default=None,
+        description="Append one JSON line per installed item update (freshness benchmark).",
     )
     create_topics_partitions: int = Field(
         default=1, ge=1, description="Partitions for topics the worker creates when missing."

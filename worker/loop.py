@@ -34,9 +34,18 @@ from worker.changelog import read_partitions, write_changes
 from worker.config import KafkaSettings, TopicSettings, WorkerSettings
 from worker.core.engine import Prepared, Recommender
 from worker.core.handler import Source, handle_batch
+from worker.core.items import ItemUpdate
 from worker.core.model import Model
 from worker.core.wire import RatingEvent, decode_rating, decode_video
 from worker.errors import BrokerError, DecodeError
+from worker.items import (
+    ItemRole,
+    decode_update,
+    dump_new_items,
+    on_update_record,
+    send_contributions,
+    trace_install,
+)
 from worker.kafkaio import (
     Publisher,
     dead_letter_headers,
@@ -104,7 +113,9 @@ class Worker:
             weights=settings.weights(model.manifest),
             dedup_window=settings.dedup_window,
             popularity_half_life_s=settings.popularity_half_life_s,
+            shared_items=settings.shared_items,
         )
+        self.items: ItemRole | None = None
         self.metrics = WorkerMetrics()
         self.metrics.model_info.labels(model.version).set(1)
         self.stopping = stopping or threading.Event()
@@ -152,9 +163,21 @@ class Worker:
                 t.videos: 1,
                 t.changelog: n,
                 t.control: 1,
+                t.item_contributions: n,
+                t.item_updates: 1,
             },
-            compacted={t.changelog, t.videos, t.control},
+            compacted={t.changelog, t.videos, t.control, t.item_contributions, t.item_updates},
         )
+        if self.settings.shared_items:
+            n_items = topic_partitions(self.producer, t.item_contributions) or n
+            self.items = ItemRole(
+                kafka=self.kafka,
+                topics=t,
+                settings=self.settings,
+                engine=self.engine,
+                publisher=self.publisher,
+                n_partitions=n_items,
+            )
         outputs = (t.recommendations, t.changelog, t.dlq)
         if wait_for_topics(self.producer, outputs, deadline_s=10.0) is None:
             log.warning("output topics have no leader yet; the first lists may be slow")
@@ -168,8 +191,9 @@ class Worker:
         if self.settings.group_instance_id:
             group_conf["group.instance.id"] = self.settings.group_instance_id
         self.consumer: Consumer = make_group_consumer(self.kafka, self.settings.group, **group_conf)
-        # Every worker needs every video and every model announcement: a group-less
-        # reader assigns both topics in full.
+        # Every worker needs every video, every model announcement and every new video's
+        # shared factors: a group-less reader assigns these topics in full, and reads them
+        # to their end before the worker joins its group and serves.
         self.broadcast: Consumer = make_reader(
             self.kafka,
             **{
@@ -183,7 +207,7 @@ class Worker:
         self.broadcast.assign(
             [
                 TopicPartition(topic, p, OFFSET_BEGINNING)
-                for topic in (t.videos, t.control)
+                for topic in (t.videos, t.control, t.item_updates)
                 for p in range(topic_partitions(self.broadcast, topic) or 1)
             ]
         )
@@ -198,6 +222,8 @@ class Worker:
             on_revoke=lambda c, tps: self.on_revoked({tp.partition for tp in tps}),
             on_lost=lambda c, tps: self.on_revoked({tp.partition for tp in tps}),
         )
+        if self.items is not None:
+            self.items.start()
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code."""
@@ -225,6 +251,8 @@ class Worker:
                     self._drain_broadcast(until_caught_up=False)
                     next_broadcast = time.monotonic() + _BROADCAST_EVERY_S
                 self._maybe_swap()
+                if self.items is not None:
+                    self.items.poll()
                 polled = time.monotonic()
                 batch = poll_batch(self.consumer, self.settings.max_poll_records, _POLL_TIMEOUT_S)
                 started = time.monotonic()
@@ -237,6 +265,9 @@ class Worker:
                 if time.monotonic() - self._last_snapshot > self.settings.snapshot_interval_s:
                     self._snapshot(set(self.owned))
             self._snapshot(set(self.owned))
+            if self.settings.items_dump is not None:
+                self._read_item_updates()
+                dump_new_items(self.settings.items_dump, self.engine)
         finally:
             self._close()
         return 0
@@ -282,6 +313,7 @@ class Worker:
             lambda: self._commit(force=True),
             self.consumer.close,
             self.broadcast.close,
+            lambda: self.items.close() if self.items is not None else None,
             lambda: self.publisher.close(timeout_s=10),
         ]
         for closer in closers:
@@ -296,6 +328,8 @@ class Worker:
         def on_record(r: Message) -> None:
             if r.topic() == self.topics.videos:
                 self._on_video(r)
+            elif r.topic() == self.topics.item_updates:
+                self._on_item_update(r)
             else:
                 self._on_control(r)
 
@@ -314,6 +348,31 @@ class Worker:
             return
         self.engine.register_video(video)
         self.metrics.videos_in.inc()
+
+    def _read_item_updates(self) -> None:
+        """Install every item update published so far (a fresh read of the topic: the
+        broadcast reader reports a partition's end once, so a second drain would wait)."""
+        self.publisher.producer.flush(10)
+        t = self.topics
+        parts = range(topic_partitions(self.producer, t.item_updates) or 1)
+        latest, _ = read_partitions(
+            self.kafka, t.item_updates, parts, fetch_max_wait_ms=self.settings.fetch_max_wait_ms
+        )
+        for records in latest.values():
+            for raw in records.values():
+                self._install_item_update(decode_update(raw))
+
+    def _on_item_update(self, r: Message) -> None:
+        self._install_item_update(on_update_record(r))
+
+    def _install_item_update(self, update: ItemUpdate | None) -> None:
+        if update is None:
+            return
+        installed = self.engine.install_item_update(update)
+        if self.items is not None:
+            self.items.saw_update(update)
+        if self.settings.items_trace is not None:
+            trace_install(self.settings.items_trace, update, installed, self.settings.client_id)
 
     def _on_control(self, r: Message) -> None:
         try:
@@ -361,6 +420,8 @@ class Worker:
         old, new = self.engine.model_version, prepared.model.version
         started = time.monotonic()
         self.engine.swap_model(prepared)
+        if self.items is not None:
+            self.items.swap()
         self.metrics.model_info.labels(old).set(0)
         self.metrics.model_info.labels(new).set(1)
         log.info("model swapped: %s -> %s in %.1f ms", old, new, (time.monotonic() - started) * 1e3)
@@ -519,6 +580,16 @@ class Worker:
         for rec in outcome.recommendations:
             self.publisher.send(
                 self.topics.recommendations, key=rec.user_id.encode("utf-8"), value=rec.payload
+            )
+        if self.items is not None:
+            # Every reflected user (replayed ones too: their contribution may not have been
+            # acknowledged before a crash) tells the owners of the new videos in their row.
+            touched = [rec.user_id for rec in outcome.recommendations]
+            send_contributions(
+                self.publisher,
+                self.topics.item_contributions,
+                self.items.n_partitions,
+                self.engine.contributions(touched, kafka_ts),
             )
         written: dict[str, tuple[int, bytes]] = {}
         if self.settings.durable and outcome.changed_users:

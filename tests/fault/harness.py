@@ -14,6 +14,7 @@ import numpy as np
 from tests.kit import TopicReader, Topics
 from worker.core.engine import Recommender
 from worker.core.model import Model
+from worker.core.state import decode_record
 from worker.core.wire import RatingEvent
 from worker.kafkaio import ensure_topics
 from worker.producer import RatingProducer
@@ -89,8 +90,10 @@ def create_topics(bootstrap: str, topics: Topics, partitions: int) -> None:
             t.dlq: 1,
             t.videos: 1,
             t.control: 1,
+            t.item_contributions: partitions,
+            t.item_updates: 1,
         },
-        compacted={t.changelog, t.videos, t.control},
+        compacted={t.changelog, t.videos, t.control, t.item_contributions, t.item_updates},
     )
 
 
@@ -154,3 +157,19 @@ def assert_final_state_matches(
             if gv != wv:
                 ties = [s for v, s in want if v == gv]
                 assert ties and abs(ties[0] - gs) < SCORE_TOL, f"{user}: {gv} instead of {wv}"
+
+
+def read_changelog(broker: str, topics: Topics) -> dict:
+    """The latest changelog record per user (decoded), read to the end."""
+    reader = TopicReader(broker, topics.settings.changelog)
+    try:
+        # The changelog is flushed with the lists, so it is complete once every final list is
+        # out; read until two polls in a row bring nothing new.
+        prev = -1
+        while len(reader.records) != prev:
+            prev = len(reader.records)
+            for _ in range(5):
+                reader.poll()
+        return last_per_user(reader.records, decode=decode_record)
+    finally:
+        reader.close()

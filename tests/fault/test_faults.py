@@ -17,33 +17,17 @@ import pytest
 from tests.fault.harness import (
     assert_final_state_matches,
     create_topics,
-    last_per_user,
     make_stream,
     produce,
+    read_changelog,
     reference,
     wait_all_applied,
 )
 from tests.kit import TopicReader, Topics, WorkerProcess, broker_choice, kafka_settings, make_model
-from worker.core.state import decode_record
 from worker.producer import RatingProducer
 from worker.storage import save_model
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
-
-
-def _changelog(broker: str, topics: Topics) -> dict:
-    reader = TopicReader(broker, topics.settings.changelog)
-    try:
-        # The changelog is flushed with the lists, so it is complete once every final list is
-        # out; read until two polls in a row bring nothing new.
-        prev = -1
-        while len(reader.records) != prev:
-            prev = len(reader.records)
-            for _ in range(5):
-                reader.poll()
-        return last_per_user(reader.records, decode=decode_record)
-    finally:
-        reader.close()
 
 
 def _wait_processing(
@@ -88,7 +72,7 @@ def test_kill9_at_20_random_points(broker, tiny_model_dir, topics, producer, tmp
     finally:
         w.stop()
         recs.close()
-    assert_final_state_matches(expected, final, _changelog(broker, topics))
+    assert_final_state_matches(expected, final, read_changelog(broker, topics))
     assert "from local snapshots" in log.read_text()
 
 
@@ -116,7 +100,7 @@ def test_rebalance_three_workers_one_killed(broker, tiny_model_dir, topics, prod
         for w in workers:
             w.stop()
         recs.close()
-    assert_final_state_matches(expected, final, _changelog(broker, topics))
+    assert_final_state_matches(expected, final, read_changelog(broker, topics))
 
 
 def test_model_swap_mid_stream(broker, tmp_path, topics, producer):
@@ -160,7 +144,7 @@ def test_model_swap_mid_stream(broker, tmp_path, topics, producer):
     finally:
         w.stop()
         recs.close()
-    changelog = _changelog(broker, topics)
+    changelog = read_changelog(broker, topics)
     # Rows do not depend on the model: every user's row and count must match.
     on_v2 = {u for u, d in final.items() if d["model_version"] == "swap-v2"}
     assert {e.user_id for e in events[sent:]} <= on_v2
@@ -286,7 +270,7 @@ def test_bad_input_at_volume(broker, tiny_model_dir, topics, producer, tmp_path)
             b"key_mismatch",
         }
         assert headers["refold.error.message"]
-    assert_final_state_matches(expected, final, _changelog(broker, topics))
+    assert_final_state_matches(expected, final, read_changelog(broker, topics))
 
 
 @pytest.mark.apache
@@ -328,4 +312,4 @@ def test_broker_restart_mid_stream(tmp_path_factory, tiny_model_dir, tmp_path):
         finally:
             w.stop()
             recs.close()
-        assert_final_state_matches(expected, final, _changelog(bs, topics))
+        assert_final_state_matches(expected, final, read_changelog(bs, topics))

@@ -50,7 +50,11 @@ def test_topics_created_match_config():
     created = dict(re.findall(r"--topic (\S+) --partitions (\d+)", script))
     assert set(created) == set(topics.model_dump().values())
     assert created[topics.ratings] == created[topics.changelog] == created[topics.recommendations]
-    for compacted in (topics.changelog, topics.videos, topics.control):
+    assert created[topics.item_contributions] == created[topics.ratings]
+    for compacted in (
+        topics.changelog, topics.videos, topics.control,
+        topics.item_contributions, topics.item_updates,
+    ):  # fmt: skip
         assert re.search(rf"--topic {re.escape(compacted)} .*cleanup.policy=compact", script)
 
 

@@ -219,3 +219,15 @@ def test_the_single_engine_refit_is_the_same_exact_solve() -> None:
         regularization=model.params.regularization, alpha=model.params.alpha,
     )  # fmt: skip
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_contributions_of_the_next_model_wait_for_the_owner_to_swap() -> None:
+    owner, _ = _owner("m1")
+    x = np.ones(3, np.float32)
+    assert not owner.apply(Contribution("v", "u1", "m2", 1.0, x))  # a worker swapped first
+    owner.apply(Contribution("v", "u1", "m1", 2.0, x))
+    nxt, _ = _owner("m2")
+    assert owner.take_pending(nxt) == 1
+    (update,) = nxt.updates()
+    assert (update.model_version, update.audience) == ("m2", 1)
+    assert owner.pending == {}

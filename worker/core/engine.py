@@ -309,6 +309,11 @@ class Recommender:
         self.catalog.refit_new_items(sorted(new_items), self._members, self._user_gram)
         self._fold_in([u for u in stale if any(i in new_items for i in self.users[u].row)])
 
+    @property
+    def user_gram(self) -> F32:
+        """Gramian of the model's trained user factors (what item solves start from)."""
+        return self._user_gram
+
     def trained_factors(self, user_id: str) -> F32 | None:
         """A user's factors in the model as trained (None for a user new to it)."""
         idx = self.model.users.get(user_id)

@@ -263,10 +263,12 @@ class ItemOwner:
         self.confidence_mode: Confidence = confidence_mode
         self.videos: dict[str, _OwnedVideo] = {}
         self._seq_seen: dict[str, int] = {}  # highest seq seen on the updates topic
+        self.pending: dict[tuple[str, str], Contribution] = {}  # other model versions
 
     def apply(self, c: Contribution) -> bool:
         """Take one contribution; True when it was for this model version."""
         if c.model_version != self.model_version:
+            self.pending[c.video_id, c.user_id] = c
             return False
         video = self.videos.get(c.video_id)
         if video is None:
@@ -330,7 +332,15 @@ class ItemOwner:
         gone = [v for v in self.videos if not keep(v)]
         for v in gone:
             del self.videos[v]
+        self.pending = {k: c for k, c in self.pending.items() if keep(k[0])}
         return len(gone)
+
+    def take_pending(self, successor: ItemOwner) -> int:
+        """Hand the contributions kept for other versions to the owner of the next model
+        (it keeps what is not its version either); returns how many it could solve."""
+        taken = sum(successor.apply(c) for c in self.pending.values())
+        self.pending = {}
+        return taken
 
     @property
     def contributions(self) -> int:

@@ -127,6 +127,8 @@ class LiveWorker:
             dlq=f"{prefix}.ratings.dlq",
             changelog=f"{prefix}.changelog",
             control=f"{prefix}.models",
+            item_contributions=f"{prefix}.item-contributions",
+            item_updates=f"{prefix}.item-updates",
         )
         self.group = f"{prefix}-worker"
         self.lists: list[LiveList] = []
@@ -187,8 +189,10 @@ class LiveWorker:
                 t.dlq: 1,
                 t.videos: 1,
                 t.control: 1,
+                t.item_contributions: self.partitions,
+                t.item_updates: 1,
             },
-            compacted={t.changelog, t.videos, t.control},
+            compacted={t.changelog, t.videos, t.control, t.item_contributions, t.item_updates},
         )
         pkg_root = str(Path(__file__).resolve().parents[2])
         env = {
