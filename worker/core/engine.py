@@ -16,6 +16,7 @@ import numpy.typing as npt
 from worker.core.als import F32, fold_in, gramian, top_k
 from worker.core.blend import blend_top_k
 from worker.core.catalog import Catalog
+from worker.core.decay import UNKNOWN, decayed
 from worker.core.ids import IdMap
 from worker.core.model import Model
 from worker.core.popularity import LivePopularity
@@ -177,6 +178,12 @@ class Recommender:
             if base is not None:
                 cols, vals = self.model.row_of(base)
                 st.row = dict(zip(cols.tolist(), vals.tolist(), strict=True))
+                times = self.model.row_times_of(base)
+                if times is not None:
+                    st.touched = {
+                        i: t for i, t in zip(cols.tolist(), times.tolist(), strict=True)
+                        if t != UNKNOWN
+                    }  # fmt: skip
                 st.factors = self.model.user_factors[base]
             self.users[user_id] = st
         return st
@@ -190,6 +197,7 @@ class Recommender:
             if not states:
                 del self._older[gen]
             st.row = {self.catalog.ensure(items[i]): v for i, v in st.row.items()}
+            st.touched = {self.catalog.ensure(items[i]): t for i, t in st.touched.items()}
             st.factors = None
             self.users[user_id] = st
             for i, v in st.row.items():
@@ -252,6 +260,10 @@ class Recommender:
         st.row[item] = st.row.get(item, 0.0) + value
         st.factors = None
         ts_us = int(event.ts.timestamp() * 1_000_000)
+        # The latest event time per item (a max, so the order events arrive in does not
+        # matter, as the row's sum does not): the age recency decay uses.
+        if ts_us > st.touched.get(item, UNKNOWN):
+            st.touched[item] = ts_us
         if not self._popularity_seeded:
             self._plant_seed(ts_us)
         if self.now_us is None or ts_us > self.now_us:
@@ -303,13 +315,30 @@ class Recommender:
         solved = fold_in(
             self.catalog.factors,
             self.catalog.gram,
-            [row_arrays(self.users[u].row) for u in user_ids],
+            [self._fold_row(self.users[u]) for u in user_ids],
             regularization=self.model.params.regularization,
             alpha=self.model.params.alpha,
             confidence_mode=self.model.params.confidence,
         )
         for u, vec in zip(user_ids, solved, strict=True):
             self.users[u].factors = vec
+
+    def _fold_row(self, st: UserState) -> tuple[npt.NDArray[np.int64], F32]:
+        """A state's row as fold-in takes it: zero values dropped, recency decay applied
+        (:mod:`worker.core.decay`, as bootstrap applies it to the rows it trains on)."""
+        cols, vals = row_arrays(st.row)
+        p = self.model.params
+        if p.decay == "none" or len(cols) == 0:
+            return cols, vals
+        touched = st.touched
+        times = np.fromiter(
+            (touched.get(i, UNKNOWN) for i in cols.tolist()), dtype=np.int64, count=len(cols)
+        )
+        vals = decayed(vals, times, p.decay, p.decay_half_life)
+        if not vals.all():  # decayed to exactly 0 (underflow): dropped, as training drops it
+            keep = vals != 0.0
+            cols, vals = cols[keep], vals[keep]
+        return cols, vals
 
     def recommend(self, user_ids: Sequence[str]) -> list[UserList]:
         """Top-k lists for ``user_ids``: one fold-in, one batched top-k, popular fallback."""
