@@ -169,3 +169,21 @@ def test_bootstrap_factors_are_the_fold_in_of_stored_rows_with_decay(
     eng.refresh(users[:5])
     got = np.stack([eng.users[u].factors for u in users[:5]])  # type: ignore[misc]
     np.testing.assert_allclose(got, model.user_factors[:5], rtol=1e-3, atol=1e-4)
+
+
+def test_tune_searches_decay_and_its_half_life() -> None:
+    optuna = pytest.importorskip("optuna")
+    from worker.eval.tune import DECAY_HALF_LIFE, suggest
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen: dict[str, list[float]] = {}
+    for _ in range(40):
+        trial = study.ask()
+        params, _ = suggest(trial)
+        seen.setdefault(params.decay, []).append(params.decay_half_life)
+        study.tell(trial, 0.0)
+    assert set(seen) == {"none", "items", "time"}
+    for mode in ("items", "time"):
+        lo, hi = DECAY_HALF_LIFE[mode]
+        assert all(lo <= h <= hi for h in seen[mode]) and len(set(seen[mode])) > 1
