@@ -120,7 +120,7 @@ def test_state_times_round_trip_and_old_records_load() -> None:
     back = UserState.from_record(decode_record(raw), eng.catalog.ensure)
     assert back.row == st.row and back.touched == st.touched
     # a version-2 value (no times) still loads: its entries' times are unknown
-    magic, applied, part, off, n, ids_len = _HEAD.unpack_from(raw)
+    _, applied, part, off, n, ids_len = _HEAD.unpack_from(raw)
     at = _HEAD.size + 8 * n
     v2 = _HEAD.pack(_MAGIC_V2, applied, part, off, n, ids_len) + raw[_HEAD.size : at]
     v2 += raw[at + 8 * n :]

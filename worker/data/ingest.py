@@ -230,9 +230,7 @@ def _stream(
         rows_read += rows.n_read
         add_counts(skipped, rows.skipped)
         default_duration += rows.default_duration
-        triplets.add(
-            encoder.encode(rows.users, rows.numbers), rows.items, rows.values, rows.times
-        )
+        triplets.add(encoder.encode(rows.users, rows.numbers), rows.items, rows.values, rows.times)
         if bar is not None:
             bar.update(rows.n_read)
     out: dict[str, Any] = {
@@ -431,9 +429,7 @@ def _stream_inputs(
         log_summary = _stream(
             log_files,
             "logs",
-            LogPrep(
-                inputs.lookup, inputs.catalog.duration_s, weights, until, encoder, with_times
-            ),
+            LogPrep(inputs.lookup, inputs.catalog.duration_s, weights, until, encoder, with_times),
             encoder,
             triplets,
             batch_size=batch_size,
