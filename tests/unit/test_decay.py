@@ -187,3 +187,20 @@ def test_tune_searches_decay_and_its_half_life() -> None:
     for mode in ("items", "time"):
         lo, hi = DECAY_HALF_LIFE[mode]
         assert all(lo <= h <= hi for h in seen[mode]) and len(set(seen[mode])) > 1
+
+
+@pytest.mark.parametrize("mode", ["none", "items", "time"])
+def test_decayed_rows_equals_decayed_row_by_row(mode: str) -> None:
+    from worker.core.decay import decayed_rows
+
+    rng = np.random.default_rng(11)
+    values, times = [], []
+    for r in range(30):
+        n = int(rng.integers(0, 12)) if r % 5 else 0
+        values.append(rng.uniform(-2, 3, n).astype(np.float32))
+        t = (rng.integers(0, 6, n) * US_PER_DAY + rng.integers(0, 2, n)).astype(np.int64)
+        t[rng.random(n) < (0.3 if r % 3 else 1.0)] = UNKNOWN
+        times.append(t)
+    got = decayed_rows(values, times, mode, 2.5)  # type: ignore[arg-type]
+    for g, v, t in zip(got, values, times, strict=True):
+        np.testing.assert_array_equal(g, decayed(v, t, mode, 2.5))  # type: ignore[arg-type]

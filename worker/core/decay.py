@@ -83,6 +83,47 @@ def decayed(values: npt.ArrayLike, times: npt.ArrayLike, mode: DecayMode, half_l
     return out
 
 
+def decayed_rows(
+    values: list[F32], times: list[I64], mode: DecayMode, half_life: float
+) -> list[F32]:
+    """:func:`decayed` of many rows at once, with a fixed number of numpy calls (the
+    worker decays every user of a batch: per-row calls would cost more than the maths).
+    Gives exactly the numbers of :func:`decayed` row by row (the same float64 ages)."""
+    if mode == "none" or not values:
+        return [np.asarray(v, dtype=np.float32) for v in values]
+    if mode not in DECAYS:
+        raise ValueError(f"unknown decay mode {mode!r}; expected one of {DECAYS}")
+    lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    if lengths.sum() == 0:
+        return [np.asarray(v, dtype=np.float32) for v in values]
+    seg = np.repeat(np.arange(len(values)), lengths)
+    t = np.concatenate(times).astype(np.int64)
+    v = np.concatenate(values).astype(np.float32)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    nonempty = lengths > 0
+    known = t != UNKNOWN
+    # per-row oldest known time (rows with none known: no decay, age 0)
+    big = np.iinfo(np.int64).max
+    tk = np.where(known, t, big)
+    row_min = np.full(len(values), big, dtype=np.int64)
+    row_min[nonempty] = np.minimum.reduceat(tk, starts[nonempty])
+    t = np.where(known, t, row_min[seg])
+    none_known = row_min[seg] == big
+    if mode == "items":
+        _, rank = np.unique(t, return_inverse=True)
+        key = seg * (int(rank.max()) + 1) + rank.reshape(-1)
+        skey = np.sort(key)
+        seg_end = np.cumsum(lengths)[seg]
+        age = (seg_end - np.searchsorted(skey, key, side="right")).astype(np.float64)
+    else:
+        row_max = np.zeros(len(values), dtype=np.int64)
+        row_max[nonempty] = np.maximum.reduceat(t, starts[nonempty])
+        age = (row_max[seg] - t).astype(np.float64) / US_PER_DAY
+    age = np.where(none_known, 0.0, age)
+    out = (v.astype(np.float64) * np.exp2(-age / float(half_life))).astype(np.float32)
+    return np.split(out, np.cumsum(lengths)[:-1])
+
+
 def decay_matrix(
     matrix: sp.csr_matrix, times: I64 | None, mode: DecayMode, half_life: float
 ) -> sp.csr_matrix:

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from worker.core.als import F32, fold_in, gramian, top_k
 from worker.core.blend import blend_top_k
 from worker.core.catalog import Catalog
-from worker.core.decay import UNKNOWN, decayed
+from worker.core.decay import UNKNOWN, decayed_rows
 from worker.core.ids import IdMap
 from worker.core.model import Model
 from worker.core.popularity import LivePopularity
@@ -315,7 +315,7 @@ class Recommender:
         solved = fold_in(
             self.catalog.factors,
             self.catalog.gram,
-            [self._fold_row(self.users[u]) for u in user_ids],
+            self._fold_rows([self.users[u] for u in user_ids]),
             regularization=self.model.params.regularization,
             alpha=self.model.params.alpha,
             confidence_mode=self.model.params.confidence,
@@ -324,21 +324,31 @@ class Recommender:
             self.users[u].factors = vec
 
     def _fold_row(self, st: UserState) -> tuple[npt.NDArray[np.int64], F32]:
-        """A state's row as fold-in takes it: zero values dropped, recency decay applied
-        (:mod:`worker.core.decay`, as bootstrap applies it to the rows it trains on)."""
-        cols, vals = row_arrays(st.row)
+        """A state's row as fold-in takes it (see :meth:`_fold_rows`)."""
+        return self._fold_rows([st])[0]
+
+    def _fold_rows(self, states: Sequence[UserState]) -> list[tuple[npt.NDArray[np.int64], F32]]:
+        """States' rows as fold-in takes them: zero values dropped, recency decay applied
+        (:mod:`worker.core.decay`, as bootstrap applies it to the rows it trains on), in one
+        vectorised pass for the whole batch."""
+        rows = [row_arrays(st.row) for st in states]
         p = self.model.params
-        if p.decay == "none" or len(cols) == 0:
-            return cols, vals
-        touched = st.touched
-        times = np.fromiter(
-            (touched.get(i, UNKNOWN) for i in cols.tolist()), dtype=np.int64, count=len(cols)
-        )
-        vals = decayed(vals, times, p.decay, p.decay_half_life)
-        if not vals.all():  # decayed to exactly 0 (underflow): dropped, as training drops it
-            keep = vals != 0.0
-            cols, vals = cols[keep], vals[keep]
-        return cols, vals
+        if p.decay == "none":
+            return rows
+        times = [
+            np.fromiter(
+                (st.touched.get(i, UNKNOWN) for i in cols.tolist()), dtype=np.int64, count=len(cols)
+            )
+            for st, (cols, _) in zip(states, rows, strict=True)
+        ]
+        vals = decayed_rows([v for _, v in rows], times, p.decay, p.decay_half_life)
+        out = []
+        for (cols, _), dv in zip(rows, vals, strict=True):
+            if not dv.all():  # decayed to exactly 0 (underflow): dropped, as training does
+                keep = dv != 0.0
+                cols, dv = cols[keep], dv[keep]
+            out.append((cols, dv))
+        return out
 
     def recommend(self, user_ids: Sequence[str]) -> list[UserList]:
         """Top-k lists for ``user_ids``: one fold-in, one batched top-k, popular fallback."""
