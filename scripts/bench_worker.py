@@ -94,12 +94,22 @@ def start_broker(name: str) -> Iterator[Broker]:
             yield Broker(name, kafka.bootstrap_servers, worker_wait_ms=500, reader_wait_ms=500)
 
 
-def build_model(cache: Path, users: int, videos: int, events: int, factors: int) -> Path:
-    model_dir = cache / f"model-{users}-{videos}-{events}-{factors}"
+def build_model(
+    cache: Path,
+    users: int,
+    videos: int,
+    events: int,
+    factors: int,
+    decay: str = "none",
+    half_life: float = 25.0,
+) -> Path:
+    suffix = "" if decay == "none" else f"-{decay}{half_life:g}"
+    model_dir = cache / f"model-{users}-{videos}-{events}-{factors}{suffix}"
     if (model_dir / "manifest.json").exists():
         return model_dir
+    from worker.core.model import AlsParams
     from worker.data.synth import synthesize
-    from worker.train import bootstrap
+    from worker.train import DEFAULT_ALPHA, DEFAULT_REGULARIZATION, bootstrap
 
     data = cache / f"data-{users}-{videos}-{events}"
     if not (data / "logs.parquet").exists():
@@ -108,8 +118,14 @@ def build_model(cache: Path, users: int, videos: int, events: int, factors: int)
         data / "logs.parquet",
         data / "video_stat.parquet",
         model_dir,
-        factors=factors,
-        iterations=5,  # enough for realistic factor norms; quality is not measured here
+        params=AlsParams(
+            factors=factors,
+            regularization=DEFAULT_REGULARIZATION,
+            alpha=DEFAULT_ALPHA,
+            iterations=5,  # enough for realistic factor norms; quality is not measured here
+            decay=decay,  # type: ignore[arg-type]
+            decay_half_life=half_life,
+        ),
         progress=False,
     )
     return model_dir
@@ -509,13 +525,28 @@ def main() -> None:
         help="seconds of each latency run's stream sent before the measured events and not "
         "counted (default 0: every event counts, the worker's first second included)",
     )
+    ap.add_argument(
+        "--decay",
+        choices=("none", "items", "time"),
+        default="none",
+        help="row recency decay of the benchmark model (AlsParams.decay; default none)",
+    )
+    ap.add_argument("--decay-half-life", type=float, default=25.0)
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench_worker")
     args = ap.parse_args()
     if args.warmup_s is None:
         args.warmup_s = 60.0 if args.broker == "apache" else 0.0
     args.cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model_dir = build_model(args.cache, args.users, args.videos, args.train_events, args.factors)
+    model_dir = build_model(
+        args.cache,
+        args.users,
+        args.videos,
+        args.train_events,
+        args.factors,
+        args.decay,
+        args.decay_half_life,
+    )
     m = load_model(model_dir)
     users, videos = list(m.users.ids), list(m.items.ids)
     print(

@@ -12,6 +12,10 @@ Layout of a model directory::
                          same arrays without ``format``) still load.
     users.parquet        user_id, in row order
     videos.parquet       video_id, duration_s, category, author_id, popularity, in row order
+    user_row_times.npy   optional: int64 (nnz,), the latest event time (µs since the epoch)
+                         of each entry of user_rows' data, for recency decay; written when
+                         the model has them (trained with decay). Models without it load
+                         with unknown times (no decay of the bootstrap rows).
 
 Nothing is pickled: ``.npy``/``.npz`` load with ``allow_pickle=False``, so factors
 trained elsewhere (Spark MLlib ALS, for one) can be imported by writing the same files.
@@ -41,6 +45,7 @@ from worker.errors import ModelError
 FORMAT = "refold-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+ROW_TIMES = "user_row_times.npy"
 _FILES = (
     "user_factors.npy",
     "item_factors.npy",
@@ -102,7 +107,7 @@ def model_files(model: Model) -> dict[str, bytes]:
     def names(codes: np.ndarray[Any, Any], table: list[str]) -> list[str | None]:
         return [table[c] if c >= 0 else None for c in codes.tolist()]
 
-    return {
+    out = {
         "user_factors.npy": _npy_bytes(np.ascontiguousarray(model.user_factors, np.float32)),
         "item_factors.npy": _npy_bytes(np.ascontiguousarray(model.item_factors, np.float32)),
         "user_rows.npz": _csr_npz_bytes(rows),
@@ -119,6 +124,9 @@ def model_files(model: Model) -> dict[str, bytes]:
             )
         ),
     }
+    if model.user_row_times is not None:
+        out[ROW_TIMES] = _npy_bytes(np.ascontiguousarray(model.user_row_times, np.int64))
+    return out
 
 
 def save_model(model: Model, out: Path, *, data_summary: dict[str, Any] | None = None) -> Path:
@@ -228,6 +236,11 @@ def load_model(path: Path) -> Model:
         rows = _csr_from_npz(blobs["user_rows.npz"])
         users = pq.read_table(io.BytesIO(blobs["users.parquet"]))
         videos = pq.read_table(io.BytesIO(blobs["videos.parquet"]))
+        row_times = None
+        if ROW_TIMES in manifest.get("files", {}):
+            row_times = np.load(
+                io.BytesIO(_verified(path, ROW_TIMES, manifest)), allow_pickle=False
+            ).astype(np.int64, copy=False)
     except (ValueError, OSError, KeyError, pa.ArrowException) as exc:
         raise ModelError(f"{path}: unreadable model file ({exc})") from None
     p = manifest["params"]
@@ -243,6 +256,7 @@ def load_model(path: Path) -> Model:
         or videos.num_rows != n_items
         or user_factors.shape[1] != params.factors
         or item_factors.shape[1] != params.factors
+        or (row_times is not None and row_times.shape != (rows.nnz,))
     ):
         raise ModelError(f"{path}: inconsistent shapes between files and manifest")
     cat_codes, categories = codes_of(videos["category"])
@@ -265,4 +279,5 @@ def load_model(path: Path) -> Model:
         user_rows=rows,
         videos=meta,
         manifest=manifest,
+        user_row_times=row_times,
     )

@@ -36,6 +36,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from worker.core.als import Confidence, confidence
+from worker.core.decay import decay_matrix
 from worker.core.ids import IdMap
 from worker.core.model import AlsParams, Model, VideoMeta
 from worker.core.scoring import Weights
@@ -95,14 +96,20 @@ def _to_numpy(factors: Any) -> F32:
     return np.ascontiguousarray(factors, dtype=np.float32)
 
 
-def implicit_input(matrix: sp.csr_matrix, params: AlsParams) -> tuple[sp.csr_matrix, float]:
+def implicit_input(
+    matrix: sp.csr_matrix, params: AlsParams, times: npt.NDArray[np.int64] | None = None
+) -> tuple[sp.csr_matrix, float]:
     """The matrix and alpha to give implicit so that its solve is :func:`fold_in`'s.
+
+    ``times`` (aligned with ``matrix.data``) decays every row first, as the live fold-in
+    decays a user's row (:func:`worker.core.decay.decay_matrix`; none without times).
 
     implicit's confidence is ``alpha * value``; the ``"implicit"`` mode passes the values
     through. Any other mode passes the confidences themselves
     (:func:`worker.core.als.confidence`) with ``alpha = 1``, so both sides compute the
     same numbers (no ``(1 + a v) / a * a`` rounding).
     """
+    matrix = decay_matrix(matrix, times, params.decay, params.decay_half_life)
     if params.confidence == "implicit":
         return matrix, params.alpha
     out = matrix.tocsr(copy=True)
@@ -118,6 +125,7 @@ def train_factors(
     *,
     random_state: int = RANDOM_STATE,
     progress: bool = False,
+    times: npt.NDArray[np.int64] | None = None,
 ) -> tuple[F32, F32, float]:
     """Fit implicit's ALS on a users × items value matrix (``alpha`` is applied by implicit).
 
@@ -126,7 +134,7 @@ def train_factors(
     implicit's ``num_threads`` (0: every core).
     """
     on_gpu = use_gpu(gpu)
-    matrix, alpha = implicit_input(matrix, params)
+    matrix, alpha = implicit_input(matrix, params, times)
     # implicit checks the BLAS threads when the model is built: build it inside the limit.
     with threadpool_limits(1, "blas"):
         model = implicit.als.AlternatingLeastSquares(
@@ -145,14 +153,18 @@ def train_factors(
 
 
 def solve_users(
-    matrix: sp.csr_matrix, item_factors: F32, params: AlsParams, threads: int = 0
+    matrix: sp.csr_matrix,
+    item_factors: F32,
+    params: AlsParams,
+    threads: int = 0,
+    times: npt.NDArray[np.int64] | None = None,
 ) -> F32:
     """Exact ALS user factors for every row of ``matrix`` against fixed ``item_factors``.
 
     implicit's Cholesky ``recalculate_user`` on the CPU: the normal equations of
     :func:`worker.core.als.fold_in` (agreement within float32 rounding), in parallel.
     """
-    matrix, alpha = implicit_input(matrix, params)
+    matrix, alpha = implicit_input(matrix, params, times)
     with threadpool_limits(1, "blas"):
         solver = implicit.cpu.als.AlternatingLeastSquares(
             factors=params.factors,
@@ -188,10 +200,20 @@ def drop_invalid_ids(data: Interactions) -> Interactions:
     keep_u = np.setdiff1d(np.arange(len(data.users)), bad_users)
     keep_i = np.setdiff1d(np.arange(len(data.items)), bad_items)
     matrix = data.matrix.tocsr()
+    times = data.times
+    if times is not None:  # carry each entry's time through the same selection
+        where = sp.csr_matrix(
+            (np.arange(1, matrix.nnz + 1, dtype=np.int64), matrix.indices, matrix.indptr),
+            shape=matrix.shape,
+        )[keep_u][:, keep_i].tocsr()
+        where.sort_indices()
     dropped = int(matrix[bad_users].nnz) if bad_users else 0
     matrix = matrix[keep_u]
     dropped += int(matrix[:, bad_items].nnz) if bad_items else 0
     matrix = matrix[:, keep_i].tocsr()
+    matrix.sort_indices()
+    if times is not None:
+        times = times[where.data - 1]
     v = data.videos
     videos = VideoMeta(
         duration_s=v.duration_s[keep_i],
@@ -214,6 +236,7 @@ def drop_invalid_ids(data: Interactions) -> Interactions:
         items=IdMap(data.items.id_of(int(i)) for i in keep_i),
         videos=videos,
         summary=summary,
+        times=times,
     )
 
 
@@ -274,6 +297,7 @@ def bootstrap(
         batch_size=batch_size,
         until=until,
         progress=progress,
+        with_times=params.decay != "none",
     )
     data = drop_invalid_ids(data)
     log.info(
@@ -284,10 +308,11 @@ def bootstrap(
         "GPU" if on_gpu else "CPU",
     )
     _, item_factors, fit_seconds = train_factors(
-        data.matrix, params, threads, "on" if on_gpu else "off", progress=progress
-    )
+        data.matrix, params, threads, "on" if on_gpu else "off", progress=progress,
+        times=data.times,
+    )  # fmt: skip
     solve_started = time.perf_counter()
-    user_factors = solve_users(data.matrix, item_factors, params, threads)
+    user_factors = solve_users(data.matrix, item_factors, params, threads, data.times)
     solve_seconds = time.perf_counter() - solve_started
     model = Model(
         version=version or make_version(data.matrix, params),
@@ -298,6 +323,7 @@ def bootstrap(
         items=data.items,
         user_rows=data.matrix,
         videos=data.videos,
+        user_row_times=data.times,
     )
     summary: dict[str, Any] = {
         **data.summary,

@@ -263,3 +263,32 @@ def test_replay_trains_and_serves_with_a_params_file(synthetic: Path, tmp_path: 
     assert manifest["data_summary"]["training"]["weights"]["like"] == 4.0
     assert report["settings"]["weights"]["like"] == 4.0
     assert report["settings"]["weights"]["view"] == 0.5
+
+
+def test_replay_with_row_decay_from_a_params_file(synthetic: Path, tmp_path: Path) -> None:
+    """``--params`` with recency decay: the split model trains on decayed rows (its row
+    times stored), and the in-process fold-in lists still equal the oracle's check."""
+    params = tmp_path / "decay.json"
+    params.write_text(
+        json.dumps(
+            {"factors": 8, "regularization": 1.0, "alpha": 3.0, "iterations": 3,
+             "decay": "items", "decay_half_life": 10}
+        )
+    )  # fmt: skip
+    out = tmp_path / "report"
+    code = main(
+        [
+            "replay", *_data_args(synthetic), "--split-frac", "0.8", "--report", str(out),
+            "--no-kafka", "--retrain-every", "0.5", "--max-events", "400",
+            "--params", str(params), "--keep-model", "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    model_dir = _model_dir(out)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["params"]["decay"] == "items"
+    assert manifest["params"]["decay_half_life"] == 10.0
+    assert "user_row_times.npy" in manifest["files"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["variants"]["foldin"]["lists_scored"] > 0
+    assert report["variants"]["retrain"]["lists_scored"] > 0  # retrained on decayed rows

@@ -588,7 +588,9 @@ def test_changelog_record_roundtrip_binary_and_json():
     back = decode_record(raw)
     assert {k: back[k] for k in rec if k != "v"} == {k: rec[k] for k in rec if k != "v"}
     assert decode_record(json.dumps(rec).encode())["recent_ids"] == ["e1", "e2"]
-    empty = decode_record(encode_record({**rec, "videos": [], "values": [], "recent_ids": []}))
+    empty = decode_record(
+        encode_record({**rec, "videos": [], "values": [], "recent_ids": [], "times": []})
+    )
     assert empty["videos"] == [] and empty["recent_ids"] == []
     for bad in (raw[:-30], b"XX" + raw[2:], raw[:5]):
         with pytest.raises(RecordError):

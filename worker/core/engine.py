@@ -16,6 +16,7 @@ import numpy.typing as npt
 from worker.core.als import F32, fold_in, gramian, top_k
 from worker.core.blend import blend_top_k
 from worker.core.catalog import Catalog
+from worker.core.decay import UNKNOWN, decayed_rows
 from worker.core.ids import IdMap
 from worker.core.items import Contribution, ItemUpdate, Member
 from worker.core.model import Model
@@ -188,6 +189,12 @@ class Recommender:
             if base is not None:
                 cols, vals = self.model.row_of(base)
                 st.row = dict(zip(cols.tolist(), vals.tolist(), strict=True))
+                times = self.model.row_times_of(base)
+                if times is not None:
+                    st.touched = {
+                        i: t for i, t in zip(cols.tolist(), times.tolist(), strict=True)
+                        if t != UNKNOWN
+                    }  # fmt: skip
                 st.factors = self.model.user_factors[base]
             self.users[user_id] = st
         return st
@@ -201,6 +208,7 @@ class Recommender:
             if not states:
                 del self._older[gen]
             st.row = {self.catalog.ensure(items[i]): v for i, v in st.row.items()}
+            st.touched = {self.catalog.ensure(items[i]): t for i, t in st.touched.items()}
             st.factors = None
             self.users[user_id] = st
             for i, v in st.row.items():
@@ -263,6 +271,10 @@ class Recommender:
         st.row[item] = st.row.get(item, 0.0) + value
         st.factors = None
         ts_us = int(event.ts.timestamp() * 1_000_000)
+        # The latest event time per item (a max, so the order events arrive in does not
+        # matter, as the row's sum does not): the age recency decay uses.
+        if ts_us > st.touched.get(item, UNKNOWN):
+            st.touched[item] = ts_us
         if not self._popularity_seeded:
             self._plant_seed(ts_us)
         if self.now_us is None or ts_us > self.now_us:
@@ -381,13 +393,40 @@ class Recommender:
         solved = fold_in(
             self.catalog.factors,
             self.catalog.gram,
-            [row_arrays(self.users[u].row) for u in user_ids],
+            self._fold_rows([self.users[u] for u in user_ids]),
             regularization=self.model.params.regularization,
             alpha=self.model.params.alpha,
             confidence_mode=self.model.params.confidence,
         )
         for u, vec in zip(user_ids, solved, strict=True):
             self.users[u].factors = vec
+
+    def _fold_row(self, st: UserState) -> tuple[npt.NDArray[np.int64], F32]:
+        """A state's row as fold-in takes it (see :meth:`_fold_rows`)."""
+        return self._fold_rows([st])[0]
+
+    def _fold_rows(self, states: Sequence[UserState]) -> list[tuple[npt.NDArray[np.int64], F32]]:
+        """States' rows as fold-in takes them: zero values dropped, recency decay applied
+        (:mod:`worker.core.decay`, as bootstrap applies it to the rows it trains on), in one
+        vectorised pass for the whole batch."""
+        rows = [row_arrays(st.row) for st in states]
+        p = self.model.params
+        if p.decay == "none":
+            return rows
+        times = [
+            np.fromiter(
+                (st.touched.get(i, UNKNOWN) for i in cols.tolist()), dtype=np.int64, count=len(cols)
+            )
+            for st, (cols, _) in zip(states, rows, strict=True)
+        ]
+        vals = decayed_rows([v for _, v in rows], times, p.decay, p.decay_half_life)
+        out = []
+        for (cols, _), dv in zip(rows, vals, strict=True):
+            if not dv.all():  # decayed to exactly 0 (underflow): dropped, as training does
+                keep = dv != 0.0
+                cols, dv = cols[keep], dv[keep]
+            out.append((cols, dv))
+        return out
 
     def recommend(self, user_ids: Sequence[str]) -> list[UserList]:
         """Top-k lists for ``user_ids``: one fold-in, one batched top-k, popular fallback."""

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from worker.core.decay import UNKNOWN
+
 F32 = npt.NDArray[np.float32]
 
 #: Event ids remembered per user for deduplication of app retries. Retries come
@@ -40,6 +42,10 @@ class UserState:
     recent_ids: dict[str, None] = field(default_factory=dict)  # oldest first
     partition: int = -1
     offset: int = -1  # last applied source offset in ``partition``
+    # item_idx -> time (µs) of the latest event on it, for recency decay; an item missing
+    # here has an unknown time (see worker.core.decay.UNKNOWN). Kept for every model, so
+    # that a model swap to one with decay finds the times.
+    touched: dict[int, int] = field(default_factory=dict)
 
     def seen(self, event_id: str) -> bool:
         return event_id in self.recent_ids
@@ -57,22 +63,26 @@ class UserState:
         """A JSON-ready snapshot, with videos by id (item indices differ across workers)."""
         items = list(self.row.items())
         return {
-            "v": 1,
+            "v": 3,
             "videos": [video_id_of(i) for i, _ in items],
             "values": [float(x) for _, x in items],
             "events_applied": self.events_applied,
             "recent_ids": list(self.recent_ids),
             "partition": self.partition,
             "offset": self.offset,
+            "times": [self.touched.get(i, UNKNOWN) for i, _ in items],
         }
 
     @classmethod
     def from_record(cls, record: dict[str, Any], item_idx_of: Any) -> UserState:
-        row = {
-            int(item_idx_of(v)): float(x)
-            for v, x in zip(record["videos"], record["values"], strict=True)
-        }
+        idx = [int(item_idx_of(v)) for v in record["videos"]]
+        row = dict(zip(idx, (float(x) for x in record["values"]), strict=True))
+        # Records before version 3 carry no times: every entry's is unknown (decay then
+        # treats the history as touched together, at its oldest known time).
+        times = record.get("times") or [UNKNOWN] * len(idx)
+        touched = {i: int(t) for i, t in zip(idx, times, strict=True) if int(t) != UNKNOWN}
         return cls(
+            touched=touched,
             row=row,
             factors=None,
             events_applied=int(record["events_applied"]),
@@ -82,11 +92,14 @@ class UserState:
         )
 
 
-# Changelog value layout (version 2): a fixed header, the row values as float64,
-# then the row's video ids and the recent event ids, each joined by NUL. Wire ids
-# are validated to hold no control characters, so NUL never occurs inside one.
-# Version 1 was compact JSON (a value starting with ``{``); it is still read.
-_MAGIC = b"RF\x02"
+# Changelog value layout (version 3): a fixed header, the row values as float64, the
+# row's latest event times as int64 µs (UNKNOWN: not known), then the row's video ids
+# and the recent event ids, each joined by NUL. Wire ids are validated to hold no
+# control characters, so NUL never occurs inside one. Version 2 (no times) and version
+# 1 (compact JSON, a value starting with ``{``) are still read; their entries' times
+# are unknown.
+_MAGIC = b"RF\x03"
+_MAGIC_V2 = b"RF\x02"
 _HEAD = struct.Struct("<3sqiqII")  # magic, events_applied, partition, offset, n_items, ids_len
 _SEP = "\x00"
 
@@ -104,6 +117,7 @@ def encode_state(state: UserState, video_id_of: Any) -> bytes:
         [video_id_of(i) for i in state.row],
         state.row.values(),
         state.recent_ids,
+        [state.touched.get(i, UNKNOWN) for i in state.row],
     )
 
 
@@ -116,6 +130,7 @@ def encode_record(record: dict[str, Any]) -> bytes:
         record["videos"],
         record["values"],
         record["recent_ids"],
+        record.get("times") or [UNKNOWN] * len(record["videos"]),
     )
 
 
@@ -126,6 +141,7 @@ def _pack(
     videos: Sequence[str],
     values: Iterable[float],
     recent: Iterable[str],
+    times: Sequence[int],
 ) -> bytes:
     n = len(videos)
     video_bytes = _SEP.join(videos).encode("utf-8")
@@ -134,6 +150,7 @@ def _pack(
         (
             head,
             struct.pack(f"<{n}d", *values),
+            struct.pack(f"<{n}q", *times),
             video_bytes,
             _SEP.join(recent).encode("utf-8"),
         )
@@ -147,11 +164,15 @@ def decode_record(raw: bytes) -> dict[str, Any]:
         return record
     try:
         magic, applied, partition, offset, n, ids_len = _HEAD.unpack_from(raw)
-        if magic != _MAGIC:
+        if magic not in (_MAGIC, _MAGIC_V2):
             raise RecordError(f"unknown state record version {magic!r}")
         at = _HEAD.size
         values = list(struct.unpack_from(f"<{n}d", raw, at))
         at += 8 * n
+        times = [UNKNOWN] * n
+        if magic == _MAGIC:
+            times = list(struct.unpack_from(f"<{n}q", raw, at))
+            at += 8 * n
         videos = raw[at : at + ids_len].decode("utf-8").split(_SEP) if n else []
         tail = raw[at + ids_len :]
         recent = tail.decode("utf-8").split(_SEP) if tail else []
@@ -160,11 +181,12 @@ def decode_record(raw: bytes) -> dict[str, Any]:
     if len(videos) != n or at + ids_len > len(raw):
         raise RecordError("corrupt state record: lengths do not match")
     return {
-        "v": 2,
+        "v": 3 if magic == _MAGIC else 2,
         "videos": videos,
         "values": values,
         "events_applied": applied,
         "recent_ids": recent,
         "partition": partition,
         "offset": offset,
+        "times": times,
     }

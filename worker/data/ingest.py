@@ -123,6 +123,8 @@ class Interactions:
     items: IdMap  # every video of the metadata, in metadata order
     videos: VideoMeta  # aligned with items
     summary: dict[str, Any]
+    #: With ``with_times``: per entry of ``matrix.data``, its latest event time (µs).
+    times: npt.NDArray[np.int64] | None = None
 
 
 # ---- streaming -------------------------------------------------------------------------------
@@ -183,14 +185,18 @@ def _batches(
 class _Triplets:
     """Preallocated COO triplets (int32 rows and columns, float32 values)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, with_times: bool = False) -> None:
+        # Event times (µs) per triplet, for recency decay; empty without ``with_times``.
+        self.times = np.empty(capacity if with_times else 0, dtype=np.int64)
         self.rows = np.empty(capacity, dtype=np.int32)
         self.cols = np.empty(capacity, dtype=np.int32)
         self.vals = np.empty(capacity, dtype=np.float32)
         self.n = 0
 
-    def add(self, rows: I32, cols: I32, vals: F32) -> None:
+    def add(self, rows: I32, cols: I32, vals: F32, times: npt.NDArray[np.int64] | None) -> None:
         k = len(rows)
+        if len(self.times) and times is not None:
+            self.times[self.n : self.n + k] = times
         self.rows[self.n : self.n + k] = rows
         self.cols[self.n : self.n + k] = cols
         self.vals[self.n : self.n + k] = vals
@@ -200,6 +206,7 @@ class _Triplets:
         """Drop the arrays (the CSR built from them is the only copy kept)."""
         empty = np.empty(0, dtype=np.int32)
         self.rows, self.cols, self.vals = empty, empty, empty.astype(np.float32)
+        self.times = empty.astype(np.int64)
 
 
 def _stream(
@@ -223,7 +230,7 @@ def _stream(
         rows_read += rows.n_read
         add_counts(skipped, rows.skipped)
         default_duration += rows.default_duration
-        triplets.add(encoder.encode(rows.users, rows.numbers), rows.items, rows.values)
+        triplets.add(encoder.encode(rows.users, rows.numbers), rows.items, rows.values, rows.times)
         if bar is not None:
             bar.update(rows.n_read)
     out: dict[str, Any] = {
@@ -237,7 +244,7 @@ def _stream(
 
 
 def _open_logs(
-    paths: list[Path], mapping: ColumnMapping, until: datetime | None
+    paths: list[Path], mapping: ColumnMapping, until: datetime | None, with_times: bool = False
 ) -> list[tuple[Path, pq.ParquetFile, dict[str, str], str]]:
     out = []
     for path in paths:
@@ -245,10 +252,11 @@ def _open_logs(
         schema = pf.schema_arrow
         layout, cols = detect_layout(path, schema, mapping, LOG_REQUIRED, "logs")
         checks = {cols["log_user"]: "id", cols["log_video"]: "id", cols["log_watchtime"]: "number"}
-        if until is not None:
+        if until is not None or with_times:
             if cols["log_timestamp"] not in schema.names:
                 raise DataError(
                     f"logs file {path}: column {cols['log_timestamp']!r} is needed for until="
+                    " and for recency decay"
                 )
             checks[cols["log_timestamp"]] = "time"
         check_types(path, schema, "logs", checks)
@@ -257,7 +265,7 @@ def _open_logs(
 
 
 def _open_reactions(
-    paths: list[Path], mapping: ColumnMapping, until: datetime | None
+    paths: list[Path], mapping: ColumnMapping, until: datetime | None, with_times: bool = False
 ) -> list[tuple[Path, pq.ParquetFile, dict[str, str]]]:
     overrides = {k: v for k, v in mapping.model_dump().items() if v is not None}
     cols = {**REACTION_DEFAULTS, **overrides}
@@ -266,7 +274,7 @@ def _open_reactions(
         pf = open_parquet(path, "reactions")
         schema = pf.schema_arrow
         need = ["reaction_user", "reaction_video", "reaction_action"]
-        if until is not None:
+        if until is not None or with_times:
             need.append("reaction_timestamp")
         missing = [cols[r] for r in need if cols[r] not in schema.names]
         if missing:
@@ -278,7 +286,7 @@ def _open_reactions(
             cols["reaction_video"]: "id",
             cols["reaction_action"]: "label",
         }
-        if until is not None:
+        if until is not None or with_times:
             checks[cols["reaction_timestamp"]] = "time"
         check_types(path, schema, "reactions", checks)
         out.append((path, pf, cols))
@@ -296,6 +304,7 @@ def build_interactions(
     batch_size: int = 1_000_000,
     until: datetime | None = None,
     progress: bool = True,
+    with_times: bool = False,
 ) -> Interactions:
     """Stream the logs (and reactions) into the users × videos confidence matrix.
 
@@ -304,18 +313,26 @@ def build_interactions(
     times are UTC), for training on the past of a prequential split.
     ``batch_size`` is the rows per Parquet read batch, capped at
     :data:`MAX_BATCH_ROWS` (larger batches only cost memory). See the module
-    docstring for the layouts and the rules for bad input.
+    docstring for the layouts and the rules for bad input. ``with_times`` also keeps
+    each entry's latest event time (``Interactions.times``, for recency decay).
     """
     started = time.perf_counter()
     mapping = mapping or ColumnMapping()
     weights = weights or Weights()
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    inputs = _Inputs.open(logs, videos, reactions, mapping, duration_unit, until)
+    inputs = _Inputs.open(logs, videos, reactions, mapping, duration_unit, until, with_times)
     encoder = UserEncoder()
-    triplets = _Triplets(inputs.capacity())
+    triplets = _Triplets(inputs.capacity(), with_times=with_times)
     log_summary, reaction_summary = _stream_inputs(
-        inputs, weights, until, encoder, triplets, batch_size=batch_size, progress=progress
+        inputs,
+        weights,
+        until,
+        encoder,
+        triplets,
+        batch_size=batch_size,
+        progress=progress,
+        with_times=with_times,
     )
     used = log_summary["rows_used"] + (reaction_summary["rows_used"] if reaction_summary else 0)
     if used == 0:
@@ -330,14 +347,16 @@ def build_interactions(
             f"{log_summary['rows_skipped'] or 'none'}"
         )
     pa.default_memory_pool().release_unused()  # batches are gone; give their pages back
-    matrix, user_ids = _build_matrix(triplets, encoder, len(inputs.catalog.ids))
+    matrix, user_ids, times = _build_matrix(triplets, encoder, len(inputs.catalog.ids))
     summary = _summary(inputs, matrix, log_summary, reaction_summary, encoder, until)
     users = IdMap(user_ids)
     items = IdMap(str(s) for s in inputs.catalog.ids.to_pylist())
     summary["seconds"] = round(time.perf_counter() - started, 3)
     _log_summary(summary)
     meta = _video_meta(inputs.catalog, matrix)
-    return Interactions(matrix=matrix, users=users, items=items, videos=meta, summary=summary)
+    return Interactions(
+        matrix=matrix, users=users, items=items, videos=meta, summary=summary, times=times
+    )
 
 
 @dataclass
@@ -361,6 +380,7 @@ class _Inputs:
         mapping: ColumnMapping,
         duration_unit: DurationUnit,
         until: datetime | None,
+        with_times: bool = False,
     ) -> _Inputs:
         log_paths = resolve_paths(logs, what="logs")
         video_paths = resolve_paths(videos, what="videos")
@@ -374,8 +394,8 @@ class _Inputs:
             reaction_paths=reaction_paths,
             catalog=catalog,
             lookup=lookup,
-            logs=_open_logs(log_paths, mapping, until),
-            reactions=_open_reactions(reaction_paths, mapping, until),
+            logs=_open_logs(log_paths, mapping, until, with_times),
+            reactions=_open_reactions(reaction_paths, mapping, until, with_times),
         )
 
     def log_rows(self) -> int:
@@ -395,11 +415,12 @@ def _stream_inputs(
     *,
     batch_size: int,
     progress: bool,
+    with_times: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Stream the logs, then the reactions, into ``triplets``: the summary of each."""
     log_files = [
         (path, pf, [cols["log_user"], cols["log_video"], cols["log_watchtime"]]
-         + ([cols["log_timestamp"]] if until is not None else []))
+         + ([cols["log_timestamp"]] if until is not None or with_times else []))
         for path, pf, cols, _ in inputs.logs
     ]  # fmt: skip
     with tqdm(
@@ -408,7 +429,7 @@ def _stream_inputs(
         log_summary = _stream(
             log_files,
             "logs",
-            LogPrep(inputs.lookup, inputs.catalog.duration_s, weights, until, encoder),
+            LogPrep(inputs.lookup, inputs.catalog.duration_s, weights, until, encoder, with_times),
             encoder,
             triplets,
             batch_size=batch_size,
@@ -419,13 +440,13 @@ def _stream_inputs(
         return log_summary, None
     reaction_files = [
         (path, pf, [cols["reaction_user"], cols["reaction_video"], cols["reaction_action"]]
-         + ([cols["reaction_timestamp"]] if until is not None else []))
+         + ([cols["reaction_timestamp"]] if until is not None or with_times else []))
         for path, pf, cols in inputs.reactions
     ]  # fmt: skip
     reaction_summary = _stream(
         reaction_files,
         "reactions",
-        ReactionPrep(inputs.lookup, weights, until, encoder),
+        ReactionPrep(inputs.lookup, weights, until, encoder, with_times),
         encoder,
         triplets,
         batch_size=batch_size,
@@ -521,16 +542,33 @@ def _log_summary(summary: dict[str, Any]) -> None:
 
 def _build_matrix(
     triplets: _Triplets, encoder: UserEncoder, n_items: int
-) -> tuple[sp.csr_matrix, list[str]]:
-    """CSR from the triplets, which are freed on the way (the CSR is the only copy kept)."""
+) -> tuple[sp.csr_matrix, list[str], npt.NDArray[np.int64] | None]:
+    """CSR from the triplets, which are freed on the way (the CSR is the only copy kept);
+    with times kept, also each entry's latest event time, aligned with the CSR's data."""
     n = triplets.n
+    times = _latest_times(triplets, n_items) if len(triplets.times) else None
     coo = sp.coo_matrix(
         (triplets.vals[:n], (triplets.rows[:n], triplets.cols[:n])), shape=(encoder.n, n_items)
     )
     triplets.free()
-    matrix = coo.tocsr()  # sums duplicates
+    matrix = coo.tocsr()  # sums duplicates; canonical: by row, then column
     del coo
+    if times is not None:
+        if len(times) != matrix.nnz:  # pragma: no cover - scipy's canonical form
+            raise AssertionError("event times do not align with the matrix entries")
+        times = times[matrix.data != 0]
     matrix.eliminate_zeros()  # a like and a dislike of the same size cancel out
     ids = encoder.ids()
     pa.default_memory_pool().release_unused()  # the Arrow copy of the ids is gone
-    return matrix, ids
+    return matrix, ids, times
+
+
+def _latest_times(triplets: _Triplets, n_items: int) -> npt.NDArray[np.int64]:
+    """The latest event time of each distinct (row, column), in CSR order (row, then column)."""
+    n = triplets.n
+    key = triplets.rows[:n].astype(np.int64) * n_items + triplets.cols[:n]
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    out: npt.NDArray[np.int64] = np.maximum.reduceat(triplets.times[:n][order], starts)
+    return out

@@ -69,6 +69,24 @@ def time_range(files: list[tuple[Path, pq.ParquetFile, str | None]]) -> dict[str
     return {"min": lo.isoformat(), "max": hi.isoformat()}
 
 
+def times_us(col: pa.Array) -> npt.NDArray[np.int64]:
+    """A timestamp column as int64 µs since the epoch (null: decay's UNKNOWN)."""
+    from worker.core.decay import UNKNOWN
+
+    raw = pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
+    raw = np.asarray(raw, dtype=np.float64) if raw.dtype == object else raw
+    nulls = np.asarray(pc.is_null(col).to_numpy(zero_copy_only=False), dtype=bool)
+    vals = np.where(nulls, 0, raw).astype(np.int64)
+    unit = col.type.unit
+    if unit == "s":
+        vals = vals * 1_000_000
+    elif unit == "ms":
+        vals = vals * 1_000
+    elif unit == "ns":
+        vals = vals // 1_000
+    return np.where(nulls, UNKNOWN, vals).astype(np.int64)
+
+
 def count_reasons(reasons: Sequence[str], conds: Sequence[Bool | None], n: int) -> dict[str, int]:
     """Rows per reason, each row under the first of its reasons (``conds`` align with them)."""
     code = np.zeros(n, dtype=np.int8)
@@ -96,6 +114,7 @@ class Rows:
     values: F32
     skipped: dict[str, int]
     default_duration: int = 0
+    times: npt.NDArray[np.int64] | None = None  # µs, with ``with_times`` only
 
 
 def user_rows(arr: pa.Array, ok: Bool, try_numbers: bool) -> tuple[pa.Array, Numbers | None]:
@@ -116,7 +135,9 @@ class LogPrep:
         weights: Weights,
         until: datetime | None,
         encoder: UserEncoder,
+        with_times: bool = False,
     ) -> None:
+        self.with_times = with_times
         self.lookup = lookup
         self.duration = duration_s.astype(np.float64)
         self.weights = weights
@@ -131,6 +152,7 @@ class LogPrep:
         watch = pc.cast(batch.column(2), pa.float64()).to_numpy(zero_copy_only=False)
         dur = np.where(items >= 0, self.duration[np.maximum(items, 0)], np.nan)
         before = before_mask(batch.column(3), self.until) if self.until is not None else None
+        times = times_us(batch.column(3)) if self.with_times else None
         user_ok = valid_mask(user_col)
         with np.errstate(invalid="ignore"):
             # NaN watch times fail `watch > 0`; NaN durations pass the 10x check.
@@ -156,6 +178,7 @@ class LogPrep:
                     n,
                 )
                 items, watch, dur = items[ok], watch[ok], dur[ok]
+                times = times[ok] if times is not None else None
         known = np.isfinite(dur)
         default_duration = len(dur) - int(known.sum())
         if default_duration:
@@ -169,6 +192,7 @@ class LogPrep:
             values=self.weights.view_values(watch, dur),
             skipped=skipped,
             default_duration=default_duration,
+            times=times,
         )
 
 
@@ -178,8 +202,14 @@ class ReactionPrep:
     ACTIONS = ("like", "neutral", "dislike")
 
     def __init__(
-        self, lookup: ItemLookup, weights: Weights, until: datetime | None, encoder: UserEncoder
+        self,
+        lookup: ItemLookup,
+        weights: Weights,
+        until: datetime | None,
+        encoder: UserEncoder,
+        with_times: bool = False,
     ) -> None:
+        self.with_times = with_times
         self.lookup = lookup
         self.until = until
         self.encoder = encoder
@@ -197,6 +227,7 @@ class ReactionPrep:
         found = pc.index_in(act_col, value_set=self.action_set)
         action = pc.fill_null(found, len(self.ACTIONS)).to_numpy(zero_copy_only=False)
         before = before_mask(batch.column(3), self.until) if self.until is not None else None
+        times = times_us(batch.column(3)) if self.with_times else None
         user_ok = valid_mask(user_col)
         known_action = action < len(self.ACTIONS)
         ok = user_ok & (items >= 0) & known_action
@@ -216,6 +247,7 @@ class ReactionPrep:
                 n,
             )
             items, action = items[ok], action[ok]
+            times = times[ok] if times is not None else None
         users, numbers = user_rows(user_col, ok, self.encoder.mode == "numeric")
         return Rows(
             n_read=n,
@@ -224,4 +256,5 @@ class ReactionPrep:
             items=items,
             values=self.values[action],
             skipped=skipped,
+            times=times,
         )

@@ -283,27 +283,45 @@ def fit_factor_model(
 
     from worker.core.ids import IdMap
     from worker.core.model import VideoMeta
+    from worker.train import implicit_input
 
     mat = sp.coo_matrix(
         (values[:end], (table.user[:end], table.video[:end])),
         shape=(table.n_users, table.n_videos),
         dtype=np.float32,
     ).tocsr()  # duplicates are summed, as the worker sums a user's events per video
+    p = base.params
+    times = None
+    if p.decay != "none":
+        # each (user, video)'s latest event time, in the CSR's (row, column) order
+        key = table.user[:end].astype(np.int64) * table.n_videos + table.video[:end]
+        order = np.argsort(key, kind="stable")
+        skey = key[order]
+        starts = np.flatnonzero(np.r_[True, skey[1:] != skey[:-1]])
+        times = np.maximum.reduceat(table.ts[:end][order], starts)[mat.data != 0]
     mat.eliminate_zeros()
     users = np.flatnonzero(mat.getnnz(axis=1) > 0)
     items = np.flatnonzero(mat.getnnz(axis=0) > 0).astype(np.int64)
     sub = mat[users][:, items].tocsr()
-    p = base.params
+    sub.sort_indices()
+    if times is not None:
+        where = sp.csr_matrix(
+            (np.arange(1, mat.nnz + 1, dtype=np.int64), mat.indices, mat.indptr), shape=mat.shape
+        )[users][:, items].tocsr()
+        where.sort_indices()
+        times = times[where.data - 1]
+    # decay and the confidence mode as bootstrap applies them (worker.train.implicit_input)
+    fit_matrix, fit_alpha = implicit_input(sub, p, times)
     als = AlternatingLeastSquares(
         factors=p.factors,
         regularization=p.regularization,
-        alpha=p.alpha,
+        alpha=fit_alpha,
         iterations=p.iterations,
         random_state=seed,
         num_threads=threads,
     )
     with threadpool_limits(1, "blas"):  # implicit parallelises itself; BLAS threads fight it
-        als.fit(sub, show_progress=False)
+        als.fit(fit_matrix, show_progress=False)
     user_f = np.asarray(als.user_factors, dtype=np.float32)
     item_f = np.asarray(als.item_factors, dtype=np.float32)
     positive = np.asarray((sub > 0).sum(axis=0)).ravel().astype(np.float32)
@@ -322,6 +340,7 @@ def fit_factor_model(
         users=IdMap(table.user_ids[u] for u in users.tolist()),
         items=IdMap(table.video_ids[v] for v in items.tolist()),
         user_rows=sub,
+        user_row_times=times,
         videos=VideoMeta(
             duration_s=table.duration_s[items].astype(np.float32),
             category=category,
