@@ -3,7 +3,8 @@ the owner's state, the wire records, and engines that share new videos through a
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -231,3 +232,42 @@ def test_contributions_of_the_next_model_wait_for_the_owner_to_swap() -> None:
     (update,) = nxt.updates()
     assert (update.model_version, update.audience) == ("m2", 1)
     assert owner.pending == {}
+
+
+def test_with_row_decay_the_item_side_takes_the_decayed_values_fold_in_used() -> None:
+    """Row decay (issue 15) changes a user's confidences: the contributions carry the
+    decayed value of the new video, and the single-engine refit solves with it too."""
+    base = make_model()
+    model = replace(base, params=replace(base.params, decay="items", decay_half_life=1.0))
+    events = [
+        ev("a", "u1", "fresh"),
+        ev("b", "u1", "v7"),
+        ev("c", "u1", "v8"),
+        ev("d", "z1", "fresh"),
+    ]
+    events = [e.model_copy(update={"ts": NOW + timedelta(minutes=k)}) for k, e in enumerate(events)]
+    shared = Recommender(model, shared_items=True)
+    for e in events:
+        shared.apply(e)
+    shared.recommend(["u1", "z1"])
+    got = {c.user_id: c.value for c in shared.contributions(["u1", "z1"])}
+    idx = shared.catalog.items.get("fresh")
+    for u in ("u1", "z1"):
+        cols, vals = shared._fold_row(shared.users[u])
+        assert got[u] == float(vals[list(cols).index(idx)])
+    assert got["u1"] < shared.users["u1"].row[idx]  # two later items decayed it
+    # The single engine's own refit uses the same values: equal to the reference with them.
+    single = Recommender(model)
+    for e in events:
+        single.apply(e)
+    single.refresh(["u1", "z1"])
+    prior = Recommender(model, shared_items=True)
+    for e in events:
+        prior.apply(e)
+    prior.refresh(["u1", "z1"])
+    live = {u: (got[u], prior.users[u].factors) for u in ("u1", "z1")}
+    want = item_solve_reference(
+        list(model.users.ids), model.user_factors, live,  # type: ignore[arg-type]
+        regularization=model.params.regularization, alpha=model.params.alpha,
+    )  # fmt: skip
+    np.testing.assert_allclose(single.catalog.factors[idx], want, rtol=1e-4, atol=1e-6)

@@ -6,7 +6,7 @@ replay baselines use in-process. It knows nothing of Kafka or files.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -337,8 +337,17 @@ class Recommender:
             uid = self.user_idx.id_of(key)
             x = self.users[uid].factors
             assert x is not None  # folded in above
-            out.append((interactions[key], x, self.trained_factors(uid)))
+            value = self._fold_values(self.users[uid], {item}).get(item, 0.0)
+            out.append((value, x, self.trained_factors(uid)))
         return out
+
+    def _fold_values(self, st: UserState, items: Container[int]) -> dict[int, float]:
+        """The values of ``items`` in a state's row as fold-in takes it (decayed), so the
+        item side solves the same system as the user side."""
+        if self.model.params.decay == "none":
+            return {i: float(v) for i, v in st.row.items() if i in items}
+        cols, vals = self._fold_row(st)
+        return {int(i): float(v) for i, v in zip(cols, vals, strict=True) if i in items}
 
     # ---- shared item side (worker.core.items) ----------------------------------------------
 
@@ -354,8 +363,10 @@ class Recommender:
             if st is None or st.factors is None:
                 continue
             ms = (event_ms or {}).get(uid, 0)
-            for i, v in st.row.items():
+            values = self._fold_values(st, new)
+            for i in st.row:
                 if i in new:
+                    v = values.get(i, 0.0)  # 0: not in the fold-in row (removed or decayed away)
                     out.append(
                         Contribution(
                             video_id=self.catalog.items.id_of(i),
