@@ -225,6 +225,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         days=args.days,
         progress=not args.quiet,
+        drift=args.drift,
     )
     print(json.dumps(summary, default=str))
     return 0
@@ -355,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--days", type=int, default=30)
+    p.add_argument(
+        "--drift",
+        type=float,
+        default=0.0,
+        help="drifting tastes: the share of the way round the categories that every "
+        "user's taste rotates over the period (0: fixed tastes)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
 

@@ -98,7 +98,7 @@ def decide(
         return GateDecision(False, "no scored list in the holdout slice",
                             candidate_ndcg, current_ndcg, tolerance)  # fmt: skip
     gap = candidate_ndcg - current_ndcg
-    if gap >= -tolerance:
+    if gap >= -tolerance - 1e-12:  # 1e-12: a gap equal to T up to float rounding passes
         reason = (f"candidate NDCG@10 {candidate_ndcg:.4f} >= current {current_ndcg:.4f} "
                   f"- tolerance {tolerance:.4f}")  # fmt: skip
         return GateDecision(True, reason, candidate_ndcg, current_ndcg, tolerance)
