@@ -179,8 +179,7 @@ def _time_range_us(paths: list[str], column: str) -> tuple[int, int] | None:
     for path in resolve_paths(paths, what="archive"):
         pf = pq.ParquetFile(path)
         for batch in pf.iter_batches(batch_size=500_000, columns=[column]):
-            col = pc.cast(batch.column(0), "timestamp[us, tz=UTC]")
-            mm = pc.min_max(col).as_py()
+            mm = pc.min_max(batch.column(0)).as_py()
             if mm["min"] is None:
                 continue
             a, b = _us(mm["min"]), _us(mm["max"])
