@@ -15,7 +15,8 @@ The steps (pure decisions in :mod:`worker.core.retrain`):
    serves; the holdout's events already sit in the workers' live user rows, which a
    swap keeps). Its directory is renamed into ``MODELS`` (atomic, same filesystem),
    verified again, announced on the control topic like ``refold swap``, and all but
-   the ``--keep`` newest versions are deleted (never the announced nor the previous).
+   the ``--keep`` newest versions it wrote are deleted (never the announced one, the
+   previous one, nor a model it did not write).
 4. **Record.** The decision and both scores go to the log, ``gate.json`` (in the
    swapped model's directory and, for every run, ``MODELS/gate.json``) and a Prometheus
    textfile (``MODELS/retrain.prom`` unless ``--metrics-file``).
@@ -87,7 +88,7 @@ class RetrainOptions:
 def list_versions(models: Path) -> list[tuple[str, str]]:
     """``(name, created_at)`` of every valid model directory under ``models`` (hidden
     names and directories whose manifest does not verify are skipped)."""
-    out = []
+    out: list[tuple[str, str]] = []
     if not models.is_dir():
         return out
     for p in models.iterdir():
@@ -341,11 +342,13 @@ def _swap(
     sent = announce_model(kafka, control_topic, target)
     log.info("announced %s on %s", sent, control_topic)
     protect = {target.name} | ({current.name} if current and current.parent == models else set())
-    for name in select_prune(list_versions(models), keep, protect):
+    # Only versions retrain wrote (they hold gate.json) are pruned: a model an operator
+    # bootstrapped (compose's /models/current, a worker's REFOLD_MODEL) is never deleted.
+    ours = [v for v in list_versions(models) if (models / v[0] / "gate.json").is_file()]
+    for name in select_prune(ours, keep, protect):
         log.info("pruning old model %s", models / name)
         shutil.rmtree(models / name, ignore_errors=True)
     return target
-
 
 
 def _flip_byte(path: Path) -> None:
@@ -366,18 +369,16 @@ def _write_metrics(path: Path, decision: GateDecision, doc: dict[str, Any]) -> N
 
     reg = CollectorRegistry()
     nan = float("nan")
-    Gauge("refold_retrain_candidate_ndcg_at_10", "Candidate NDCG@10 on the holdout",
-          registry=reg).set(nan if decision.candidate_ndcg is None else decision.candidate_ndcg)  # fmt: skip
-    Gauge("refold_retrain_current_ndcg_at_10", "Serving model NDCG@10 on the holdout",
-          registry=reg).set(nan if decision.current_ndcg is None else decision.current_ndcg)  # fmt: skip
-    Gauge("refold_retrain_swapped", "1 if the last run swapped its candidate in",
-          registry=reg).set(1 if decision.swap else 0)  # fmt: skip
-    Gauge("refold_retrain_tolerance", "Gate tolerance (absolute NDCG@10)",
-          registry=reg).set(decision.tolerance)  # fmt: skip
-    Gauge("refold_retrain_duration_seconds", "Wall time of the last run",
-          registry=reg).set(float(doc.get("seconds", 0.0)))  # fmt: skip
-    Gauge("refold_retrain_last_run_timestamp_seconds", "When the last run ended",
-          registry=reg).set(time.time())  # fmt: skip
+    values = {
+        "candidate_ndcg_at_10": ("Candidate NDCG@10 on the holdout", decision.candidate_ndcg),
+        "current_ndcg_at_10": ("Serving model NDCG@10 on the holdout", decision.current_ndcg),
+        "swapped": ("1 if the last run swapped its candidate in", float(decision.swap)),
+        "tolerance": ("Gate tolerance (absolute NDCG@10)", decision.tolerance),
+        "duration_seconds": ("Wall time of the last run", float(doc.get("seconds", 0.0))),
+        "last_run_timestamp_seconds": ("When the last run ended", time.time()),
+    }
+    for name, (text, value) in values.items():
+        Gauge(f"refold_retrain_{name}", text, registry=reg).set(nan if value is None else value)
     write_to_textfile(str(path), reg)
 
 
@@ -387,8 +388,8 @@ def run(opts: RetrainOptions, kafka: KafkaSettings, control_topic: str,
     while True:
         t0 = time.monotonic()
         doc = run_once(opts, kafka, control_topic)
-        print(json.dumps({k: doc.get(k) for k in (
-            "decision", "reason", "candidate_ndcg", "current_ndcg", "model_dir")}), flush=True)  # fmt: skip
+        keys = ("decision", "reason", "candidate_ndcg", "current_ndcg", "model_dir")
+        print(json.dumps({k: doc.get(k) for k in keys}), flush=True)
         if every_s is None:
             return 0
         if stopping.wait(max(0.0, every_s - (time.monotonic() - t0))):

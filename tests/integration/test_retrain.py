@@ -24,7 +24,9 @@ from worker.storage import load_model
 pytestmark = pytest.mark.integration
 
 
-def retrain(ds: Dataset, broker: str, topics: Topics, *extra: str) -> subprocess.CompletedProcess[str]:
+def retrain(
+    ds: Dataset, broker: str, topics: Topics, *extra: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker", "retrain", *ds.retrain_args(),
          "--bootstrap-servers", broker, "--topic-control", topics.settings.control, *extra],

@@ -107,9 +107,7 @@ def decide(
     return GateDecision(False, reason, candidate_ndcg, current_ndcg, tolerance)
 
 
-def select_prune(
-    versions: Sequence[tuple[str, str]], keep: int, protect: set[str]
-) -> list[str]:
+def select_prune(versions: Sequence[tuple[str, str]], keep: int, protect: set[str]) -> list[str]:
     """Names to delete: all but the ``keep`` newest of ``(name, created_at)``, never a
     protected one (the model announced now, the one served before)."""
     if keep < 1:
