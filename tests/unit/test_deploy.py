@@ -109,9 +109,10 @@ def test_retrain_service_shares_the_models_volume_and_reads_the_archive():
     assert f"models:{models}" in volumes  # writable: new versions go there
     assert f"archive:{archive}:ro" in volumes
     # The worker sees the announced directories at the same path.
-    worker_model = services["worker"]["environment"].get("REFOLD_MODEL") or _compose()[
-        "x-refold-env"
-    ]["REFOLD_MODEL"]
+    worker_model = (
+        services["worker"]["environment"].get("REFOLD_MODEL")
+        or _compose()["x-refold-env"]["REFOLD_MODEL"]
+    )
     assert worker_model.startswith(models + "/")
     assert any(v.startswith(f"models:{models}") for v in services["worker"]["volumes"])
     assert "archive" in _compose()["volumes"]

@@ -90,3 +90,26 @@ def test_select_prune_keeps_the_newest_and_protected() -> None:
     assert select_prune([], 1, set()) == []
     with pytest.raises(ValueError):
         select_prune(versions, 0, set())
+
+
+def test_since_copy_keeps_rows_at_or_after_since_and_range(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from worker.retrain import _filtered_copy, _time_range_us
+
+    src = tmp_path / "logs"
+    src.mkdir()
+    times = [NOW - timedelta(days=d) for d in (10, 5, 1, 0)]
+    pq.write_table(
+        pa.table({"event_timestamp": pa.array(times, pa.timestamp("us", tz="UTC")),
+                  "x": [1, 2, 3, 4]}),
+        src / "a.parquet",
+    )  # fmt: skip
+    out = _filtered_copy([str(src)], "event_timestamp", NOW - timedelta(days=5), tmp_path / "o")
+    assert pq.read_table(out[0])["x"].to_pylist() == [2, 3, 4]
+    lo, hi = _time_range_us(out, "event_timestamp")  # type: ignore[misc]
+    assert (lo, hi) == (
+        int((NOW - timedelta(days=5)).timestamp() * 1e6),
+        int(NOW.timestamp() * 1e6),
+    )
