@@ -49,6 +49,7 @@ from worker.core.retrain import (
     decide,
     holdout_start_us,
     parse_since,
+    same_training,
     select_prune,
 )
 from worker.core.scoring import Weights
@@ -278,19 +279,21 @@ def run_once(opts: RetrainOptions, kafka: KafkaSettings, control_topic: str) -> 
             cand_model = None
         if current is not None:
             cur_score = score_model(table, split, end, load_model(current), weights, tune_opts)
+        current_version = load_model(current).version if current else None
         decision = decide(
             cand_score.ndcg if cand_score else None,
             cur_score.ndcg if cur_score else None,
             opts.tolerance,
             candidate_error=cand_error,
             lists_scored=int(cand_score.foldin.size) if cand_score else 0,
+            unchanged=cand_model is not None and same_training(cand_model.version, current_version),
         )
         doc: dict[str, Any] = {
             "decision": "swap" if decision.swap else "refuse",
             **asdict(decision),
             "candidate_version": cand_model.version if cand_model else None,
             "current_model": str(current) if current else None,
-            "current_version": load_model(current).version if current else None,
+            "current_version": current_version,
             "holdout_start": holdout_at.isoformat(),
             "holdout_events": end - split,
             "train_events_before_holdout": split,

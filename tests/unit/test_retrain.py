@@ -113,3 +113,14 @@ def test_since_copy_keeps_rows_at_or_after_since_and_range(tmp_path) -> None:  #
         int((NOW - timedelta(days=5)).timestamp() * 1e6),
         int(NOW.timestamp() * 1e6),
     )
+
+
+def test_a_rerun_on_the_same_data_is_not_swapped_again() -> None:
+    from worker.core.retrain import same_training
+
+    assert same_training("20261206T163442Z-c22879ae", "20261206T162013Z-c22879ae")
+    assert not same_training("20261206T163442Z-c22879ae", "20261206T162013Z-00000000")
+    assert not same_training("20261206T163442Z-c22879ae", "v0-base")
+    assert not same_training("20261206T163442Z-c22879ae", None)
+    d = decide(0.1, 0.1, 0.005, lists_scored=10, unchanged=True)
+    assert not d.swap and "same data" in d.reason

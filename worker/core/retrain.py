@@ -82,6 +82,7 @@ def decide(
     *,
     candidate_error: str | None = None,
     lists_scored: int = 0,
+    unchanged: bool = False,
 ) -> GateDecision:
     """Swap iff the candidate verified and ``candidate >= current - tolerance``.
 
@@ -91,6 +92,9 @@ def decide(
     if candidate_error is not None:
         return GateDecision(False, f"candidate failed verification: {candidate_error}",
                             None, current_ndcg, tolerance)  # fmt: skip
+    if unchanged:
+        return GateDecision(False, "candidate trained on the same data and params as the "
+                            "serving model", candidate_ndcg, current_ndcg, tolerance)  # fmt: skip
     if current_ndcg is None:
         return GateDecision(True, "no current model to compare with",
                             candidate_ndcg, None, tolerance)  # fmt: skip
@@ -105,6 +109,14 @@ def decide(
     reason = (f"candidate NDCG@10 {candidate_ndcg:.4f} < current {current_ndcg:.4f} "
               f"- tolerance {tolerance:.4f} (worse by {-gap:.4f})")  # fmt: skip
     return GateDecision(False, reason, candidate_ndcg, current_ndcg, tolerance)
+
+
+def same_training(candidate_version: str, current_version: str | None) -> bool:
+    """Whether two versions from :func:`worker.train.make_version` (``<time>-<hash of the
+    data and params>``) hash the same: a rerun on an archive that did not grow."""
+    if current_version is None or "-" not in candidate_version or "-" not in current_version:
+        return False
+    return candidate_version.rsplit("-", 1)[1] == current_version.rsplit("-", 1)[1]
 
 
 def select_prune(versions: Sequence[tuple[str, str]], keep: int, protect: set[str]) -> list[str]:
