@@ -207,16 +207,9 @@ def _tail_doc(r: Any) -> Any:
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
-    from worker.kafkaio import Publisher, make_producer
-    from worker.storage import read_manifest
+    from worker.kafkaio import announce_model
 
-    path = Path(args.model).resolve()
-    manifest = read_manifest(path)
-    pub = Publisher(make_producer(_kafka(args)))
-    doc = {"model_dir": str(path), "version": manifest["version"]}
-    pub.send(_topics(args).control, key=b"model", value=json.dumps(doc).encode())
-    pub.confirm()
-    pub.close()
+    doc = announce_model(_kafka(args), _topics(args).control, args.model)
     print(json.dumps(doc))
     return 0
 
@@ -232,6 +225,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         days=args.days,
         progress=not args.quiet,
+        drift=args.drift,
     )
     print(json.dumps(summary, default=str))
     return 0
@@ -281,6 +275,33 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: stopping.set())
+    from worker.core.retrain import parse_duration
+    from worker.retrain import RetrainOptions, run
+
+    opts = RetrainOptions(
+        logs=list(args.logs),
+        videos=args.videos,
+        reactions=args.reactions,
+        archive=Path(args.archive),
+        models=Path(args.models),
+        since=args.since,
+        current=Path(args.current) if args.current else None,
+        params=args.params,
+        keep=args.keep,
+        tolerance=args.tolerance,
+        holdout=args.holdout,
+        metrics_file=Path(args.metrics_file) if args.metrics_file else None,
+        threads=args.threads,
+        corrupt_candidate=args.test_corrupt_candidate,
+    )
+    every = parse_duration(args.every) if args.every else None
+    return run(opts, _kafka(args), _topics(args).control, every, stopping)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--days", type=int, default=30)
+    p.add_argument(
+        "--drift",
+        type=float,
+        default=0.0,
+        help="drifting tastes: the share of the way round the categories that every "
+        "user's taste rotates over the period (0: fixed tastes)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
 
@@ -361,8 +389,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bootstrap)
 
+    _add_retrain(sub)
     _add_eval_commands(sub)
     return parser
+
+
+def _add_retrain(sub: Any) -> None:
+    from worker.core.retrain import DEFAULT_TOLERANCE
+
+    p = sub.add_parser(
+        "retrain", help="train a candidate on base logs + archive; gate it; swap it in"
+    )
+    _add_kafka(p)
+    p.add_argument("--logs", nargs="+", required=True, help="base logs: files, dirs or globs")
+    p.add_argument("--videos", required=True, help="base video metadata")
+    p.add_argument("--reactions", help="base reactions")
+    p.add_argument("--archive", required=True, help="archive dir (logs/, reactions/, videos/)")
+    p.add_argument("--since", help="archive events from this time or duration ago (7d) on")
+    p.add_argument("--models", required=True, help="directory of model versions")
+    p.add_argument("--current", help="serving model (default: newest valid one in --models)")
+    p.add_argument("--params", help="JSON file of ALS params and event weights")
+    p.add_argument("--keep", type=int, default=3, help="model versions to keep (default 3)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"swap if candidate NDCG@10 >= current - T (default {DEFAULT_TOLERANCE})",
+    )
+    p.add_argument("--holdout", help="gate slice: the archive's last DURATION (default: 10%%)")
+    p.add_argument("--every", help="run every DURATION (15m, 6h, 1d); default: once")
+    p.add_argument("--metrics-file", help="Prometheus textfile (default MODELS/retrain.prom)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--test-corrupt-candidate", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_retrain)
 
 
 def _add_eval_commands(sub: Any) -> None:

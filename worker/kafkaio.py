@@ -396,3 +396,23 @@ class Publisher:
         """Deliver what is queued (best effort), then close the producer."""
         self.producer.flush(timeout_s)
         self.producer.close()
+
+
+def announce_model(kafka: KafkaSettings, control_topic: str, model_dir: Any) -> dict[str, str]:
+    """Announce a model directory on the control topic (what ``refold swap`` sends):
+    ``{"model_dir", "version"}`` keyed ``model``, acknowledged before returning."""
+    import json
+    from pathlib import Path
+
+    from worker.storage import read_manifest
+
+    path = Path(model_dir).resolve()
+    manifest = read_manifest(path)
+    pub = Publisher(make_producer(kafka))
+    doc = {"model_dir": str(path), "version": str(manifest["version"])}
+    try:
+        pub.send(control_topic, key=b"model", value=json.dumps(doc).encode())
+        pub.confirm()
+    finally:
+        pub.close()
+    return doc

@@ -100,3 +100,26 @@ def test_the_image_installs_every_module_the_package_imports():
                 f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] not in allowed
             ]
     assert not offenders, offenders
+
+
+def test_retrain_service_shares_the_models_volume_and_reads_the_archive():
+    services = _compose()["services"]
+    retrain = services["retrain"]
+    cmd = retrain["command"]
+    assert cmd[0] == "retrain" and "--every" in cmd
+    models = cmd[cmd.index("--models") + 1]
+    archive = cmd[cmd.index("--archive") + 1]
+    volumes = retrain["volumes"]
+    assert f"models:{models}" in volumes  # writable: new versions go there
+    assert f"archive:{archive}:ro" in volumes
+    # The worker sees the announced directories at the same path.
+    worker_model = (
+        services["worker"]["environment"].get("REFOLD_MODEL")
+        or _compose()["x-refold-env"]["REFOLD_MODEL"]
+    )
+    assert worker_model.startswith(models + "/")
+    assert any(v.startswith(f"models:{models}") for v in services["worker"]["volumes"])
+    assert "archive" in _compose()["volumes"]
+    from worker.cli import build_parser
+
+    build_parser().parse_args(cmd)  # the command line parses

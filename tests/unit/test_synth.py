@@ -102,3 +102,34 @@ def test_tastes_are_planted(synth_dir: Path) -> None:
 def test_rejects_bad_sizes(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         synthesize(tmp_path, users=0, videos=10, events=10, seed=1, progress=False)
+
+
+def _favourite_category_agreement(out: Path) -> float:
+    """Share of active users whose most-watched category is the same early and late."""
+    logs = pq.read_table(out / "logs.parquet").to_pandas()
+    cats = pq.read_table(out / "video_stat.parquet", columns=["video_id", "category"]).to_pandas()
+    logs = logs.merge(cats, left_on="rutube_video_id", right_on="video_id")
+    t = logs["event_timestamp"]
+    early = logs[t < t.quantile(0.25)]
+    late = logs[t >= t.quantile(0.75)]
+
+    def top(df: object) -> object:
+        return df.groupby("viewer_uid")["category"].agg(lambda c: c.mode().iloc[0])  # type: ignore[attr-defined]
+
+    a, b = top(early), top(late)
+    both = a.index.intersection(b.index)  # type: ignore[attr-defined]
+    return float((a[both] == b[both]).mean())  # type: ignore[index]
+
+
+def test_drift_moves_tastes_and_zero_drift_changes_nothing(tmp_path: Path) -> None:
+    kw = {"users": 300, "videos": 200, "events": 30_000, "seed": 5, "progress": False}
+    synthesize(tmp_path / "fixed", **kw)  # type: ignore[arg-type]
+    synthesize(tmp_path / "zero", drift=0.0, **kw)  # type: ignore[arg-type]
+    synthesize(tmp_path / "drift", drift=0.5, **kw)  # type: ignore[arg-type]
+    fixed = pq.read_table(tmp_path / "fixed" / "logs.parquet")
+    assert fixed.equals(pq.read_table(tmp_path / "zero" / "logs.parquet"))
+    stable, drifting = (_favourite_category_agreement(tmp_path / d) for d in ("fixed", "drift"))
+    assert stable > 0.5  # planted tastes hold over the period
+    assert drifting < stable - 0.3, (stable, drifting)
+    with pytest.raises(ValueError):
+        synthesize(tmp_path / "bad", drift=-1.0, **kw)  # type: ignore[arg-type]

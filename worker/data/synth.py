@@ -185,16 +185,17 @@ class _World:
             self.home_order, self.home_key, fav_cat, rng.random(len(fav_cat))
         ).reshape(users, _FAVOURITE_AUTHORS)
 
-    def categories_of(self, users: I64, u: F64) -> I64:
-        """Draw one category per query from that user's taste."""
+    def categories_of(self, users: I64, u: F64, shift: I64 | int = 0) -> I64:
+        """Draw one category per query from that user's taste (rotated by ``shift``
+        categories: drifting tastes)."""
         cdf = self.taste_cdf[users]
         below = (cdf < u[:, None].astype(np.float32)).sum(axis=1)
         cats: I64 = np.minimum(below, self.n_categories - 1).astype(np.int64)
-        return cats
+        return (cats + shift) % self.n_categories
 
-    def affinity(self, users: I64, videos: I64) -> F64:
+    def affinity(self, users: I64, videos: I64, shift: I64 | int = 0) -> F64:
         """Planted affinity in [0, 1]: relative taste for the category, plus a favourite bonus."""
-        cat = self.video_category[videos]
+        cat = (self.video_category[videos] - shift) % self.n_categories
         hi = self.taste_cdf[users, cat].astype(np.float64)
         lo = np.where(cat > 0, self.taste_cdf[users, np.maximum(cat - 1, 0)], 0.0)
         rel = (hi - lo) / self.taste_max[users]
@@ -204,9 +205,25 @@ class _World:
 
 
 def _views(
-    world: _World, rng: np.random.Generator, n: int, t0_us: int, span_us: int
+    world: _World,
+    rng: np.random.Generator,
+    n: int,
+    t0_us: int,
+    span_us: int,
+    drift: tuple[int, int, float] | None = None,
 ) -> dict[str, Any]:
-    """One chunk of view events (arrays aligned by row, sorted by time)."""
+    """One chunk of view events (arrays aligned by row, sorted by time).
+
+    ``drift`` is ``(start_us, period_us, rate)``: an event at time ``t`` sees every
+    user's taste rotated by ``floor(rate * categories * (t - start) / period)``
+    categories, so by the end of the period tastes have moved ``rate`` of the way
+    round. Without it the draws (and the output for a seed) are unchanged.
+    """
+    shift: I64 | int = 0
+    if drift is not None:
+        ts_early = t0_us + np.sort(rng.integers(0, span_us, size=n))
+        start, period, rate = drift
+        shift = np.floor(rate * world.n_categories * (ts_early - start) / period).astype(np.int64)
     users = np.searchsorted(world.activity_cdf, rng.random(n), side="right")
     users = np.minimum(users, len(world.activity_cdf) - 1).astype(np.int64)
     mode = rng.random(n)
@@ -220,19 +237,20 @@ def _views(
         np.searchsorted(world.global_cdf, rng.random(explore.sum()), side="right"),
         len(world.global_cdf) - 1,
     )
-    cats = world.categories_of(users[by_taste], rng.random(by_taste.sum()))
+    shift_taste = shift[by_taste] if isinstance(shift, np.ndarray) else shift
+    cats = world.categories_of(users[by_taste], rng.random(by_taste.sum()), shift_taste)
     videos[by_taste] = _draw_grouped(world.cat_order, world.cat_key, cats, rng.random(len(cats)))
     # Repeated views: copy an earlier drawn (user, video) pair.
     rep = np.flatnonzero(rng.random(n) < _P_REPEAT)
     src = rng.integers(0, n, size=len(rep))
     users[rep], videos[rep] = users[src], videos[src]
-    aff = world.affinity(users, videos)
+    aff = world.affinity(users, videos, shift)
     z = _WATCH_SLOPE * (aff - _WATCH_MID) + rng.normal(0.0, _WATCH_NOISE, n)
     frac = _WATCH_MAX / (1.0 + np.exp(-z))
     dur = world.duration[videos]
     watch = np.maximum(np.round(frac * dur), 1).astype(np.int64)  # a view lasts >= 1 s
     # Rows are i.i.d. draws, so sorted times keep the time order independent of content.
-    ts = t0_us + np.sort(rng.integers(0, span_us, size=n))
+    ts = t0_us + np.sort(rng.integers(0, span_us, size=n)) if drift is None else ts_early
     return {
         "users": users,
         "videos": videos,
@@ -290,6 +308,7 @@ def synthesize(
     days: int = 30,
     row_group_size: int = 500_000,
     progress: bool = True,
+    drift: float = 0.0,
 ) -> dict[str, Any]:
     """Write ``logs.parquet``, ``video_stat.parquet`` and ``reactions.parquet`` into ``out``.
 
@@ -297,8 +316,10 @@ def synthesize(
     taste table (about ``users * 32 * 4`` bytes), not by ``events``. Returns a summary:
     paths, row counts, the planted-structure parameters and the elapsed time.
     """
-    if users < 1 or videos < 1 or events < 0 or days < 1 or row_group_size < 1:
-        raise ValueError("users, videos, days and row_group_size must be >= 1, events >= 0")
+    if users < 1 or videos < 1 or events < 0 or days < 1 or row_group_size < 1 or drift < 0:
+        raise ValueError(
+            "users, videos, days and row_group_size must be >= 1, events and drift >= 0"
+        )
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,7 +349,7 @@ def synthesize(
             # Chunk i covers the i-th slice of the period, so the log is time-ordered.
             t0 = t_start + span_us * i // n_chunks
             t1 = t_start + span_us * (i + 1) // n_chunks
-            v = _views(world, rng, n, t0, t1 - t0)
+            v = _views(world, rng, n, t0, t1 - t0, (t_start, span_us, drift) if drift else None)
             views_per_video += np.bincount(v["videos"], minlength=videos)
             logs_w.write_table(_logs_table(v, user_ids, video_ids), row_group_size=row_group_size)
             r = _reactions(rng, v)
@@ -352,6 +373,7 @@ def synthesize(
         "reactions_rows": reactions_written,
         "days": days,
         "seed": seed,
+        "drift": drift,
         "row_group_size": row_group_size,
         "categories": world.n_categories,
         "authors": world.n_authors,

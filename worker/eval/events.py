@@ -375,7 +375,7 @@ def detect_duration_scale(durations: F64, unit: str) -> float:
 def load_events(
     logs: Sequence[str | Path],
     videos: str | Path,
-    reactions: str | Path | None = None,
+    reactions: str | Path | Sequence[str | Path] | None = None,
     *,
     duration_unit: str = "auto",
     mapping: Any = None,
@@ -409,7 +409,7 @@ def load_events(
     n_views = sum(len(x) for x in ts_parts)
     skipped_reactions = 0
     if reactions is not None:
-        files = expand_paths([reactions])
+        files = expand_paths([reactions] if isinstance(reactions, (str, Path)) else list(reactions))
         roles, req = _REACTION_ROLES, tuple(_REACTION_ROLES)
         for b in _read_columns(files, roles, req, mapping, "reactions"):
             names = pc.utf8_lower(pc.utf8_trim_whitespace(pc.cast(b["action"], pa.string())))
