@@ -254,6 +254,8 @@ def run_worker(
         "REFOLD_TOPIC_VIDEOS": f"{prefix}.videos",
         "REFOLD_TOPIC_CHANGELOG": f"{prefix}.changelog",
         "REFOLD_TOPIC_CONTROL": f"{prefix}.models",
+        "REFOLD_TOPIC_ITEM_CONTRIBUTIONS": f"{prefix}.item-contributions",
+        "REFOLD_TOPIC_ITEM_UPDATES": f"{prefix}.item-updates",
         "REFOLD_DURABLE": "true" if durable else "false",
         "REFOLD_FETCH_MAX_WAIT_MS": str(broker.worker_wait_ms),
     }

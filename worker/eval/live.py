@@ -84,6 +84,11 @@ class LiveWorker:
     published a list. Lists are keyed by user and a user's partition belongs to
     one worker at a time, so the collector reads every partition of the
     recommendations topic and needs no notion of which worker wrote a list.
+
+    Several workers share new videos' factors through their owners
+    (``shared_items``): a list is then ranked with the latest update that worker had
+    installed, so the in-process mirror of the lists (``--check-every``) agrees only
+    up to that timing. One worker solves them in its own batch and is mirrored exactly.
     """
 
     def __init__(
@@ -207,6 +212,10 @@ class LiveWorker:
                 [pkg_root, *filter(None, [os.environ.get("PYTHONPATH")])]
             ),
             **{f"REFOLD_TOPIC_{k.upper()}": v for k, v in t.model_dump().items()},
+            # One worker solves its new videos itself, in its batch (the same exact solve
+            # as an owner's, worker.core.items), so its lists can be mirrored in-process
+            # list for list; several share them through the owners, asynchronously.
+            "REFOLD_SHARED_ITEMS": "true" if self.workers > 1 else "false",
             **self.extra_env,
         }
         self.log_paths = self._worker_log_paths()
