@@ -32,6 +32,7 @@ from worker.core.engine import Recommender
 from worker.core.items import Contribution, ItemOwner, ItemUpdate, contribution_partition
 from worker.errors import DecodeError
 from worker.kafkaio import Publisher, make_group_consumer, poll_batch
+from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class ItemRole:
         engine: Recommender,
         publisher: Publisher,
         n_partitions: int,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.kafka = kafka
         self.topics = topics
@@ -68,6 +70,7 @@ class ItemRole:
         self.engine = engine
         self.publisher = publisher
         self.n_partitions = n_partitions
+        self.metrics = metrics
         self.owner = new_owner(engine)
         self.owned: set[int] = set()
         self.bad = 0
@@ -166,6 +169,9 @@ class ItemRole:
             )
         if updates:
             self.publisher.producer.poll(0)
+        if self.metrics is not None:
+            self.metrics.item_updates_out.inc(len(updates))
+            self.metrics.new_videos_owned.set(self.owner.n_videos)
 
     def saw_update(self, update: ItemUpdate) -> None:
         self.owner.saw_update(update)

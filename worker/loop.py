@@ -177,6 +177,7 @@ class Worker:
                 engine=self.engine,
                 publisher=self.publisher,
                 n_partitions=n_items,
+                metrics=self.metrics,
             )
         outputs = (t.recommendations, t.changelog, t.dlq)
         if wait_for_topics(self.producer, outputs, deadline_s=10.0) is None:
@@ -369,6 +370,8 @@ class Worker:
         if update is None:
             return
         installed = self.engine.install_item_update(update)
+        if installed:
+            self.metrics.item_updates_in.inc()
         if self.items is not None:
             self.items.saw_update(update)
         if self.settings.items_trace is not None:
@@ -585,12 +588,14 @@ class Worker:
             # Every reflected user (replayed ones too: their contribution may not have been
             # acknowledged before a crash) tells the owners of the new videos in their row.
             touched = [rec.user_id for rec in outcome.recommendations]
+            contributions = self.engine.contributions(touched, kafka_ts)
             send_contributions(
                 self.publisher,
                 self.topics.item_contributions,
                 self.items.n_partitions,
-                self.engine.contributions(touched, kafka_ts),
+                contributions,
             )
+            self.metrics.item_contributions_out.inc(len(contributions))
         written: dict[str, tuple[int, bytes]] = {}
         if self.settings.durable and outcome.changed_users:
             written = write_changes(

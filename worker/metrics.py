@@ -69,6 +69,18 @@ class WorkerMetrics:
             "refold_loop_heartbeat_timestamp_seconds", "Last loop iteration (unix time)", registry=r
         )
         self.restored = Counter("refold_state_restored_users", "Users restored", registry=r)
+        self.item_contributions_out = Counter(
+            "refold_item_contributions_out", "Contributions sent to new videos' owners", registry=r
+        )
+        self.item_updates_out = Counter(
+            "refold_item_updates_out", "New-video solves published as their owner", registry=r
+        )
+        self.item_updates_in = Counter(
+            "refold_item_updates_in", "New-video factors installed from owners", registry=r
+        )
+        self.new_videos_owned = Gauge(
+            "refold_new_videos_owned", "New videos this worker owns (solves)", registry=r
+        )
 
     def beat(self) -> None:
         self.heartbeat.set(time.time())

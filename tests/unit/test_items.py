@@ -232,6 +232,12 @@ def test_contributions_of_the_next_model_wait_for_the_owner_to_swap() -> None:
     (update,) = nxt.updates()
     assert (update.model_version, update.audience) == ("m2", 1)
     assert owner.pending == {}
+    # After the swap, late contributions of the old model (workers not swapped yet) are
+    # not carried into the next swap: they never pile up.
+    nxt.apply(Contribution("v", "u2", "m1", 1.0, x))
+    last, _ = _owner("m3")
+    assert nxt.take_pending(last) == 0
+    assert last.pending == {} and last.n_videos == 0
 
 
 def test_with_row_decay_the_item_side_takes_the_decayed_values_fold_in_used() -> None:

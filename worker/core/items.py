@@ -336,11 +336,19 @@ class ItemOwner:
         return len(gone)
 
     def take_pending(self, successor: ItemOwner) -> int:
-        """Hand the contributions kept for other versions to the owner of the next model
-        (it keeps what is not its version either); returns how many it could solve."""
-        taken = sum(successor.apply(c) for c in self.pending.values())
+        """Hand the contributions kept for the next model to its owner; returns how many.
+
+        The rest (the model swapped away from, sent by workers that had not swapped yet)
+        are dropped, so contributions of old versions never pile up across swaps."""
+        mine = [c for c in self.pending.values() if c.model_version == successor.model_version]
+        for c in mine:
+            successor.apply(c)
         self.pending = {}
-        return taken
+        return len(mine)
+
+    @property
+    def n_videos(self) -> int:
+        return len(self.videos)
 
     @property
     def contributions(self) -> int:
