@@ -318,7 +318,18 @@ class Recommender:
         keys = sorted({k for i in new_items for k in self.catalog.new[i].interactions})
         interactors = [self.user_idx.id_of(k) for k in keys]
         self._fold_in([u for u in interactors if self.state_of(u).factors is None])
-        self.catalog.refit_new_items(sorted(new_items), self._members, self._user_gram)
+        values = dict(zip(interactors, self._fold_values(interactors, new_items), strict=True))
+
+        def members(item: int, interactions: Mapping[int, float]) -> list[Member]:
+            out: list[Member] = []
+            for key in sorted(interactions, key=self.user_idx.id_of):
+                uid = self.user_idx.id_of(key)
+                x = self.users[uid].factors
+                assert x is not None  # folded in above
+                out.append((values[uid].get(item, 0.0), x, self.trained_factors(uid)))
+            return out
+
+        self.catalog.refit_new_items(sorted(new_items), members, self._user_gram)
         self._fold_in([u for u in stale if any(i in new_items for i in self.users[u].row)])
 
     @property
@@ -331,23 +342,19 @@ class Recommender:
         idx = self.model.users.get(user_id)
         return None if idx is None else self.model.user_factors[idx]
 
-    def _members(self, item: int, interactions: Mapping[int, float]) -> list[Member]:
-        out: list[Member] = []
-        for key in sorted(interactions, key=self.user_idx.id_of):
-            uid = self.user_idx.id_of(key)
-            x = self.users[uid].factors
-            assert x is not None  # folded in above
-            value = self._fold_values(self.users[uid], {item}).get(item, 0.0)
-            out.append((value, x, self.trained_factors(uid)))
-        return out
-
-    def _fold_values(self, st: UserState, items: Container[int]) -> dict[int, float]:
-        """The values of ``items`` in a state's row as fold-in takes it (decayed), so the
-        item side solves the same system as the user side."""
+    def _fold_values(
+        self, user_ids: Sequence[str], items: Container[int]
+    ) -> list[dict[int, float]]:
+        """Per user, the values of ``items`` in their row as fold-in takes it (decayed:
+        one vectorised pass for all of them), so the item side solves the same system
+        as the user side."""
+        states = [self.users[u] for u in user_ids]
         if self.model.params.decay == "none":
-            return {i: float(v) for i, v in st.row.items() if i in items}
-        cols, vals = self._fold_row(st)
-        return {int(i): float(v) for i, v in zip(cols, vals, strict=True) if i in items}
+            return [{i: float(v) for i, v in st.row.items() if i in items} for st in states]
+        return [
+            {i: v for i, v in zip(cols.tolist(), vals.tolist(), strict=True) if i in items}
+            for cols, vals in self._fold_rows(states)
+        ]
 
     # ---- shared item side (worker.core.items) ----------------------------------------------
 
@@ -358,25 +365,42 @@ class Recommender:
         :meth:`recommend`): one per new video in each user's row, value and factors."""
         new = self.catalog.new
         out: list[Contribution] = []
+        if not new:
+            return out
+        held: dict[str, list[int]] = {}  # user -> the new videos in their row
         for uid in dict.fromkeys(user_ids):
             st = self.users.get(uid)
             if st is None or st.factors is None:
                 continue
+            # Iterate over the smaller side: rows run to thousands, new videos are few.
+            found = (
+                [i for i in new if i in st.row]
+                if len(new) < len(st.row)
+                else [i for i in st.row if i in new]
+            )
+            if found:
+                held[uid] = sorted(found)
+        users = list(held)
+        decayed = self.model.params.decay != "none"
+        fold = self._fold_values(users, new) if decayed else [{} for _ in users]
+        for uid, values in zip(users, fold, strict=True):
+            st = self.users[uid]
+            x = st.factors
+            assert x is not None  # users without factors were left out above
             ms = (event_ms or {}).get(uid, 0)
-            values = self._fold_values(st, new)
-            for i in st.row:
-                if i in new:
-                    v = values.get(i, 0.0)  # 0: not in the fold-in row (removed or decayed away)
-                    out.append(
-                        Contribution(
-                            video_id=self.catalog.items.id_of(i),
-                            user_id=uid,
-                            model_version=self.model_version,
-                            value=float(v),
-                            factors=st.factors,
-                            event_ms=ms,
-                        )
+            for i in held[uid]:
+                # Decayed: the fold-in row's value (0 if decayed away); else the row's own.
+                v = values.get(i, 0.0) if decayed else st.row[i]
+                out.append(
+                    Contribution(
+                        video_id=self.catalog.items.id_of(i),
+                        user_id=uid,
+                        model_version=self.model_version,
+                        value=float(v),
+                        factors=x,
+                        event_ms=ms,
                     )
+                )
         return out
 
     def install_item_update(self, update: ItemUpdate) -> bool:
