@@ -13,6 +13,7 @@ import numpy as np
 
 from tests.kit import TopicReader, Topics
 from worker.core.engine import Recommender
+from worker.core.items import Contribution, ItemUpdate, item_solve_reference
 from worker.core.model import Model
 from worker.core.state import decode_record
 from worker.core.wire import RatingEvent
@@ -173,3 +174,44 @@ def read_changelog(broker: str, topics: Topics) -> dict:
         return last_per_user(reader.records, decode=decode_record)
     finally:
         reader.close()
+
+
+def latest_records(records: list, decode) -> dict:
+    """The latest decoded value per key of a compacted topic's records (None: deleted)."""
+    out = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        if r.value is not None:
+            out[r.key] = decode(r.value)
+    return out
+
+
+def exact_item_solves(model: Model, contributions: dict) -> dict:
+    """The reference solve (np.linalg.solve on the full system) of every new video from
+    the latest contribution of each of its users."""
+    by_video: dict[str, dict] = {}
+    for c in contributions.values():
+        if c.value != 0.0:
+            by_video.setdefault(c.video_id, {})[c.user_id] = (c.value, c.factors)
+    kw = {"regularization": model.params.regularization, "alpha": model.params.alpha}
+    return {
+        v: item_solve_reference(list(model.users.ids), model.user_factors, live, **kw)
+        for v, live in by_video.items()
+    }
+
+
+def wait_items_settled(model: Model, contrib, updates, *, timeout_s: float) -> None:
+    """Until the latest update of each new video is the exact solve of its latest
+    contributions (owners may still be catching up right after the last list)."""
+
+    def settled(_: list) -> bool:
+        contrib.poll()
+        want = exact_item_solves(model, latest_records(contrib.records, Contribution.decode))
+        got = {u.video_id: u for u in latest_records(updates.records, ItemUpdate.decode).values()}
+        return bool(want) and all(
+            v in got and np.allclose(got[v].factors, x, rtol=1e-4, atol=1e-6)
+            for v, x in want.items()
+        )
+
+    updates.wait_for(
+        settled, timeout_s=timeout_s, what="owners' solves of the latest contributions"
+    )

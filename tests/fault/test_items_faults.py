@@ -20,13 +20,16 @@ from tests.fault.harness import (
     T0,
     assert_final_state_matches,
     create_topics,
+    exact_item_solves,
+    latest_records,
     produce,
     read_changelog,
     reference,
     wait_all_applied,
+    wait_items_settled,
 )
 from tests.kit import TopicReader, WorkerProcess, make_model
-from worker.core.items import Contribution, ItemUpdate, item_solve_reference
+from worker.core.items import Contribution, ItemUpdate
 from worker.core.wire import RatingEvent, VideoEvent
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
@@ -56,14 +59,6 @@ def _stream(k: int, seed: int = 5) -> list[RatingEvent]:
                 ts=T0 + timedelta(seconds=i),
             )
         )
-    return out
-
-
-def _latest(records: list, decode) -> dict:
-    out = {}
-    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
-        if r.value is not None:
-            out[r.key] = decode(r.value)
     return out
 
 
@@ -109,41 +104,19 @@ def test_three_workers_share_new_videos_exactly_across_kill9(
         workers[1] = worker(1)
         produce(producer, thirds[2])
         final = wait_all_applied(recs, expected, timeout_s=240)
-        # Settled: the latest update of each new video is the exact solve of the latest
-        # contributions (owners may still be catching up right after the last list).
         contrib = TopicReader(broker, topics.settings.item_contributions)
         updates = TopicReader(broker, topics.settings.item_updates)
-        trained_ids = list(model.users.ids)
-
-        def want_of(contributions: dict) -> dict[str, np.ndarray]:
-            by_video: dict[str, dict] = {}
-            for c in contributions.values():
-                if c.value != 0.0:
-                    by_video.setdefault(c.video_id, {})[c.user_id] = (c.value, c.factors)
-            kw = {"regularization": model.params.regularization, "alpha": model.params.alpha}
-            return {
-                v: item_solve_reference(trained_ids, model.user_factors, live, **kw)
-                for v, live in by_video.items()
-            }
-
-        def settled(_: list) -> bool:
-            contrib.poll()
-            want = want_of(_latest(contrib.records, Contribution.decode))
-            got = {u.video_id: u for u in _latest(updates.records, ItemUpdate.decode).values()}
-            return bool(want) and all(
-                v in got and np.allclose(got[v].factors, x, rtol=1e-4, atol=1e-6)
-                for v, x in want.items()
-            )
-
-        updates.wait_for(settled, timeout_s=120, what="owners' solves of the latest contributions")
+        wait_items_settled(model, contrib, updates, timeout_s=120)
         for w in workers:
             assert w.terminate() == 0, w.log_tail()
     finally:
         for w in workers:
             w.stop()
         recs.close()
-    contributions = _latest(contrib.records, Contribution.decode)
-    latest_updates = {u.video_id: u for u in _latest(updates.records, ItemUpdate.decode).values()}
+    contributions = latest_records(contrib.records, Contribution.decode)
+    latest_updates = {
+        u.video_id: u for u in latest_records(updates.records, ItemUpdate.decode).values()
+    }
     contrib.close()
     updates.close()
     # Nothing lost or counted twice on the user side; lists are compared elsewhere (their
@@ -162,7 +135,7 @@ def test_three_workers_share_new_videos_exactly_across_kill9(
     assert new_in_rows <= contributed
     held = [json.loads(p.read_text())["videos"] for p in dumps]
     assert all(h.keys() == held[0].keys() for h in held)
-    want = want_of(contributions)
+    want = exact_item_solves(model, contributions)
     assert set(ANNOUNCED + UNANNOUNCED) <= set(want)
     for vid, x in want.items():
         first = held[0][vid]

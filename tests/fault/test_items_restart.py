@@ -11,8 +11,17 @@ import json
 import numpy as np
 import pytest
 
-from tests.fault.harness import T0, create_topics, produce, reference, wait_all_applied
-from tests.fault.test_items_faults import ANNOUNCED, UNANNOUNCED, _latest, _stream
+from tests.fault.harness import (
+    T0,
+    create_topics,
+    exact_item_solves,
+    latest_records,
+    produce,
+    reference,
+    wait_all_applied,
+    wait_items_settled,
+)
+from tests.fault.test_items_faults import ANNOUNCED, UNANNOUNCED, _stream
 from tests.kit import (
     TEST_BROKER_CONFIG,
     TopicReader,
@@ -22,7 +31,7 @@ from tests.kit import (
     kafka_settings,
     make_model,
 )
-from worker.core.items import Contribution, ItemUpdate, item_solve_reference
+from worker.core.items import Contribution
 from worker.core.wire import VideoEvent
 from worker.producer import RatingProducer
 
@@ -79,33 +88,11 @@ def test_new_videos_stay_shared_and_exact_across_a_broker_restart(
             wait_all_applied(recs, expected, timeout_s=180)
             contrib = TopicReader(bs, topics.settings.item_contributions)
             updates = TopicReader(bs, topics.settings.item_updates)
-            trained_ids = list(model.users.ids)
-            kw = {"regularization": model.params.regularization, "alpha": model.params.alpha}
-
-            def want_of(contributions: dict) -> dict[str, np.ndarray]:
-                by_video: dict[str, dict] = {}
-                for c in contributions.values():
-                    if c.value != 0.0:
-                        by_video.setdefault(c.video_id, {})[c.user_id] = (c.value, c.factors)
-                return {
-                    v: item_solve_reference(trained_ids, model.user_factors, live, **kw)
-                    for v, live in by_video.items()
-                }
-
-            def settled(_: list) -> bool:
-                contrib.poll()
-                want = want_of(_latest(contrib.records, Contribution.decode))
-                got = {u.video_id: u for u in _latest(updates.records, ItemUpdate.decode).values()}
-                return bool(want) and all(
-                    v in got and np.allclose(got[v].factors, x, rtol=1e-4, atol=1e-6)
-                    for v, x in want.items()
-                )
-
-            updates.wait_for(settled, timeout_s=120, what="owners' solves after the restart")
+            wait_items_settled(model, contrib, updates, timeout_s=120)
             for w in workers:
                 assert w.alive(), "worker died across the broker restart:\n" + w.log_tail()
                 assert w.terminate() == 0, w.log_tail()
-            contributions = _latest(contrib.records, Contribution.decode)
+            contributions = latest_records(contrib.records, Contribution.decode)
             contrib.close()
             updates.close()
         finally:
@@ -118,7 +105,7 @@ def test_new_videos_stay_shared_and_exact_across_a_broker_restart(
     in_rows = {(u, v) for u, row in expected.rows.items() for v, x in row.items() if v in new and x}
     assert in_rows <= {(c.user_id, c.video_id) for c in contributions.values() if c.value != 0.0}
     held = [json.loads(p.read_text())["videos"] for p in dumps]
-    want = want_of(contributions)
+    want = exact_item_solves(model, contributions)
     assert set(held[0]) == set(held[1]) and new <= set(want)
     for vid, x in want.items():
         assert held[0][vid] == held[1][vid], f"{vid}: workers disagree"
