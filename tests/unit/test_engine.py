@@ -590,7 +590,15 @@ def test_changelog_record_roundtrip_binary_and_json():
     assert decode_record(json.dumps(rec).encode())["recent_ids"] == ["e1", "e2"]
     empty = decode_record(
         encode_record(
-            {**rec, "videos": [], "values": [], "recent_ids": [], "times": [], "pairs": [], "since": []}
+            {
+                **rec,
+                "videos": [],
+                "values": [],
+                "recent_ids": [],
+                "times": [],
+                "pairs": [],
+                "since": [],
+            }
         )
     )
     assert empty["videos"] == [] and empty["recent_ids"] == []

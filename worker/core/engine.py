@@ -200,8 +200,8 @@ class Recommender:
         """Live popularity of every catalog video at the latest event time (a new array);
         before any event, at the newest shared count's as-of time."""
         now = self.now_us
-        if now is None and self._pop_updates:
-            now = max(u.asof_us for u in self._pop_updates.values())
+        if now is None:
+            now = self.popularity_asof()
         if now is None:
             n = len(self.catalog)
             out = np.zeros(n, dtype=np.float64)
@@ -229,11 +229,13 @@ class Recommender:
             st = self.users.get(user_id)
             if st is None:
                 continue  # forgotten (revoked) since: its new owner sends it
-            out.append(
-                PopularityPair(self.catalog.items.id_of(item), user_id, st.since.get(item))
-            )
+            out.append(PopularityPair(self.catalog.items.id_of(item), user_id, st.since.get(item)))
         self._pair_changes = {}
         return out
+
+    def popularity_asof(self) -> int | None:
+        """The newest as-of time among the shared counts installed (None: none)."""
+        return max((u.asof_us for u in self._pop_updates.values()), default=None)
 
     def install_popularity(self, update: PopularityUpdate) -> None:
         """Install a video's shared count from its owner (kept across model swaps)."""
