@@ -133,6 +133,8 @@ class Topics:
             control=f"{p}.models",
             item_contributions=f"{p}.item-contributions",
             item_updates=f"{p}.item-updates",
+            popularity_pairs=f"{p}.popularity-pairs",
+            popularity=f"{p}.popularity",
         )
 
     def env(self) -> dict[str, str]:

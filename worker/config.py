@@ -97,6 +97,17 @@ class TopicSettings(BaseSettings):
         description="New videos' solved factors from their owners, keyed by video_id "
         "(compacted); every worker reads it.",
     )
+    popularity_pairs: str = Field(
+        default="refold.popularity-pairs",
+        description="Positive (user, video) pairs for live popularity: the time each became "
+        "positive, keyed by (video_id, user_id), on the partition of video_id; a tombstone "
+        "when not positive (compacted).",
+    )
+    popularity: str = Field(
+        default="refold.popularity",
+        description="Videos' live popularity from their owners, keyed by video_id "
+        "(compacted); every worker reads it.",
+    )
 
 
 class WorkerSettings(BaseSettings):
@@ -154,14 +165,20 @@ class WorkerSettings(BaseSettings):
         description="Share new videos' factors between workers: one owner per video solves "
         "them from every worker's users (False: each worker solves from its own users).",
     )
+    shared_popularity: bool = Field(
+        default=True,
+        description="Share live popularity between workers: one owner per video counts its "
+        "positive pairs from every worker's events (False: each worker counts its own).",
+    )
     item_group: str | None = Field(
         default=None,
-        description="Consumer group of the new-video owners on item_contributions "
-        "(default: the worker group's name + '-items').",
+        description="Consumer group of the video owners on item_contributions and "
+        "popularity_pairs (default: the worker group's name + '-items').",
     )
     items_dump: Path | None = Field(
         default=None,
-        description="On a clean stop, write the new videos' factors here as JSON (checks).",
+        description="On a clean stop, write the new videos' factors and every video's "
+        "popularity here as JSON (checks).",
     )
     items_trace: Path | None = Field(
         default=None,

@@ -36,14 +36,17 @@ from worker.core.engine import Prepared, Recommender
 from worker.core.handler import Source, handle_batch
 from worker.core.items import ItemUpdate
 from worker.core.model import Model
+from worker.core.popularity import PopularityUpdate
 from worker.core.wire import RatingEvent, decode_rating, decode_video
 from worker.errors import BrokerError, DecodeError
 from worker.items import (
     ItemRole,
+    decode_popularity,
     decode_update,
     dump_new_items,
     on_update_record,
     send_contributions,
+    send_popularity_pairs,
     trace_install,
 )
 from worker.kafkaio import (
@@ -114,6 +117,7 @@ class Worker:
             dedup_window=settings.dedup_window,
             popularity_half_life_s=settings.popularity_half_life_s,
             shared_items=settings.shared_items,
+            shared_popularity=settings.shared_popularity,
         )
         self.items: ItemRole | None = None
         self.metrics = WorkerMetrics()
@@ -165,10 +169,15 @@ class Worker:
                 t.control: 1,
                 t.item_contributions: n,
                 t.item_updates: 1,
+                t.popularity_pairs: n,
+                t.popularity: 1,
             },
-            compacted={t.changelog, t.videos, t.control, t.item_contributions, t.item_updates},
-        )
-        if self.settings.shared_items:
+            compacted={
+                t.changelog, t.videos, t.control, t.item_contributions, t.item_updates,
+                t.popularity_pairs, t.popularity,
+            },
+        )  # fmt: skip
+        if self.settings.shared_items or self.settings.shared_popularity:
             n_items = topic_partitions(self.producer, t.item_contributions) or n
             self.items = ItemRole(
                 kafka=self.kafka,
@@ -178,6 +187,7 @@ class Worker:
                 publisher=self.publisher,
                 n_partitions=n_items,
                 metrics=self.metrics,
+                n_pair_partitions=topic_partitions(self.producer, t.popularity_pairs) or n,
             )
         outputs = (t.recommendations, t.changelog, t.dlq)
         if wait_for_topics(self.producer, outputs, deadline_s=10.0) is None:
@@ -208,7 +218,7 @@ class Worker:
         self.broadcast.assign(
             [
                 TopicPartition(topic, p, OFFSET_BEGINNING)
-                for topic in (t.videos, t.control, t.item_updates)
+                for topic in (t.videos, t.control, t.item_updates, t.popularity)
                 for p in range(topic_partitions(self.broadcast, topic) or 1)
             ]
         )
@@ -331,6 +341,8 @@ class Worker:
                 self._on_video(r)
             elif r.topic() == self.topics.item_updates:
                 self._on_item_update(r)
+            elif r.topic() == self.topics.popularity:
+                self._install_popularity(decode_popularity(r.value(), where=f"{r.offset()}"))
             else:
                 self._on_control(r)
 
@@ -362,6 +374,20 @@ class Worker:
         for records in latest.values():
             for raw in records.values():
                 self._install_item_update(decode_update(raw))
+        parts = range(topic_partitions(self.producer, t.popularity) or 1)
+        latest, _ = read_partitions(
+            self.kafka, t.popularity, parts, fetch_max_wait_ms=self.settings.fetch_max_wait_ms
+        )
+        for records in latest.values():
+            for raw in records.values():
+                self._install_popularity(decode_popularity(raw))
+
+    def _install_popularity(self, update: PopularityUpdate | None) -> None:
+        if update is None:
+            return
+        self.engine.install_popularity(update)
+        if self.items is not None:
+            self.items.saw_popularity(update)
 
     def _on_item_update(self, r: Message) -> None:
         self._install_item_update(on_update_record(r))
@@ -584,7 +610,16 @@ class Worker:
             self.publisher.send(
                 self.topics.recommendations, key=rec.user_id.encode("utf-8"), value=rec.payload
             )
-        if self.items is not None:
+        if self.items is not None and self.settings.shared_popularity:
+            # Pairs that turned positive or stopped being positive, and those of replayed
+            # events (their records may not have been acknowledged before a crash).
+            send_popularity_pairs(
+                self.publisher,
+                self.topics.popularity_pairs,
+                self.items.n_pair_partitions,
+                self.engine.take_popularity_pairs(),
+            )
+        if self.items is not None and self.settings.shared_items:
             # Every reflected user (replayed ones too: their contribution may not have been
             # acknowledged before a crash) tells the owners of the new videos in their row.
             touched = [rec.user_id for rec in outcome.recommendations]

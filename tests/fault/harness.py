@@ -93,8 +93,18 @@ def create_topics(bootstrap: str, topics: Topics, partitions: int) -> None:
             t.control: 1,
             t.item_contributions: partitions,
             t.item_updates: 1,
+            t.popularity_pairs: partitions,
+            t.popularity: 1,
         },
-        compacted={t.changelog, t.videos, t.control, t.item_contributions, t.item_updates},
+        compacted={
+            t.changelog,
+            t.videos,
+            t.control,
+            t.item_contributions,
+            t.item_updates,
+            t.popularity_pairs,
+            t.popularity,
+        },
     )
 
 

@@ -23,7 +23,7 @@ from worker.core.decay import (
 )
 from worker.core.engine import Recommender
 from worker.core.model import AlsParams
-from worker.core.state import _HEAD, _MAGIC_V2, UserState, decode_record, encode_state
+from worker.core.state import _HEAD, _MAGIC_V2, _MAGIC_V3, UserState, decode_record, encode_state
 from worker.core.wire import RatingEvent
 from worker.data.synth import synthesize
 from worker.storage import load_model
@@ -119,11 +119,18 @@ def test_state_times_round_trip_and_old_records_load() -> None:
     raw = encode_state(st, eng.catalog.items.id_of)
     back = UserState.from_record(decode_record(raw), eng.catalog.ensure)
     assert back.row == st.row and back.touched == st.touched
+    assert back.pairs == st.pairs and back.since == st.since
     # a version-2 value (no times) still loads: its entries' times are unknown
     _, applied, part, off, n, ids_len = _HEAD.unpack_from(raw)
     at = _HEAD.size + 8 * n
     v2 = _HEAD.pack(_MAGIC_V2, applied, part, off, n, ids_len) + raw[_HEAD.size : at]
-    v2 += raw[at + 8 * n :]
+    v2 += raw[at + 8 * n + 9 * n :]  # without the times, pair states and since times
+    v3 = _HEAD.pack(_MAGIC_V3, applied, part, off, n, ids_len) + raw[_HEAD.size : at + 8 * n]
+    v3 += raw[at + 8 * n + 9 * n :]
+    rec3 = decode_record(v3)
+    assert rec3["v"] == 3 and rec3["times"] == decode_record(raw)["times"]
+    old3 = UserState.from_record(rec3, eng.catalog.ensure)
+    assert old3.touched == st.touched and old3.pairs == {} and old3.since == {}
     rec = decode_record(v2)
     assert rec["v"] == 2 and rec["times"] == [UNKNOWN] * n
     old = UserState.from_record(rec, eng.catalog.ensure)

@@ -51,9 +51,11 @@ def test_topics_created_match_config():
     assert set(created) == set(topics.model_dump().values())
     assert created[topics.ratings] == created[topics.changelog] == created[topics.recommendations]
     assert created[topics.item_contributions] == created[topics.ratings]
+    assert created[topics.popularity_pairs] == created[topics.item_contributions]
     for compacted in (
         topics.changelog, topics.videos, topics.control,
         topics.item_contributions, topics.item_updates,
+        topics.popularity_pairs, topics.popularity,
     ):  # fmt: skip
         assert re.search(rf"--topic {re.escape(compacted)} .*cleanup.policy=compact", script)
 

@@ -589,7 +589,17 @@ def test_changelog_record_roundtrip_binary_and_json():
     assert {k: back[k] for k in rec if k != "v"} == {k: rec[k] for k in rec if k != "v"}
     assert decode_record(json.dumps(rec).encode())["recent_ids"] == ["e1", "e2"]
     empty = decode_record(
-        encode_record({**rec, "videos": [], "values": [], "recent_ids": [], "times": []})
+        encode_record(
+            {
+                **rec,
+                "videos": [],
+                "values": [],
+                "recent_ids": [],
+                "times": [],
+                "pairs": [],
+                "since": [],
+            }
+        )
     )
     assert empty["videos"] == [] and empty["recent_ids"] == []
     for bad in (raw[:-30], b"XX" + raw[2:], raw[:5]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from enum import Enum
 
 import numpy as np
@@ -20,9 +21,20 @@ from worker.core.decay import UNKNOWN, decayed_rows
 from worker.core.ids import IdMap
 from worker.core.items import Contribution, ItemUpdate, Member
 from worker.core.model import Model
-from worker.core.popularity import LivePopularity
-from worker.core.scoring import Weights
-from worker.core.state import DEFAULT_DEDUP_WINDOW, UserState, decode_record
+from worker.core.popularity import (
+    LivePopularity,
+    PopularityPair,
+    PopularityUpdate,
+    half_life_us_of,
+)
+from worker.core.scoring import PairState, Weights
+from worker.core.state import (
+    DEFAULT_DEDUP_WINDOW,
+    UserState,
+    decode_record,
+    pair_flags,
+    pair_of_flags,
+)
 from worker.core.wire import TOP_K, RatingEvent, VideoEvent
 
 #: Default half-life of live popularity: one day (``WorkerSettings.popularity_half_life_s``).
@@ -74,6 +86,7 @@ class Recommender:
         popularity_half_life_s: float = DEFAULT_POPULARITY_HALF_LIFE_S,
         live_popularity: bool = True,
         shared_items: bool = False,
+        shared_popularity: bool = False,
     ) -> None:
         # False keeps the model's popularity fixed (the notebook: one person's ratings
         # replayed in a session should not reorder everyone's cold-start list).
@@ -85,10 +98,18 @@ class Recommender:
         # The latest update received per new video, of any model version: a swap to the
         # version it belongs to installs it (an owner may have swapped first).
         self._item_updates: dict[str, ItemUpdate] = {}
+        # True (the Kafka worker): live popularity comes from the videos' owners
+        # (:class:`worker.core.popularity.PopularityOwner`), installed with
+        # :meth:`install_popularity`; this engine counts none of its own events and hands
+        # out the pairs whose positivity changed (:meth:`take_popularity_pairs`).
+        self.shared_popularity = shared_popularity
+        self._pop_updates: dict[str, PopularityUpdate] = {}  # the latest per video
+        self._pair_changes: dict[tuple[str, int], None] = {}  # (user, item) to send
         self.weights = weights or Weights()
         self.popularity_half_life_s = float(popularity_half_life_s)
         # The latest event time applied (µs): "now" for live popularity.
         self.now_us: int | None = None
+        self._first_us: int | None = None  # the first event time applied (a seed fallback)
         self.k = k
         self.dedup_window = dedup_window
         self.users: dict[str, UserState] = {}
@@ -142,32 +163,87 @@ class Recommender:
             self.install_item_update(update)
 
     def _seed_popularity(self) -> None:
-        """Live popularity starts from the model's (its training positives), as of the
-        latest event time seen (or, before any event, as of the first one applied).
+        """Popularity starts from the model's (its training positive pairs per video),
+        decayed from the model's as-of time (:func:`seed_asof_us`), plus the live counts.
 
-        It is derived from the events this engine applies: a restart starts again from
-        the model's popularity (the changelog restores user rows, not popularity), and a
-        model swap starts again from the new model's, which counts the retrained data.
+        The seed is each worker's own, computed from the model alone, so every worker with
+        the same model holds the same bits; the live part is the owners' (shared) or this
+        engine's positive pairs (not shared: a restart then starts again from the seed, and
+        a swap starts again from the new model's, which counts the retrained data). Shared
+        counts survive a swap: they are re-installed on the new catalog's indices.
         """
         self.popularity = LivePopularity(len(self.catalog), half_life_s=self.popularity_half_life_s)
         self._popularity_seed = self.catalog.popularity[: self.catalog.n_base].astype(np.float64)
-        self._popularity_seeded = False
-        if self.now_us is not None:
-            self._plant_seed(self.now_us)
+        self._seed_asof_us = seed_asof_us(self.model)
+        self._seed_fallback_us = self.now_us  # a model without a manifest: as of now
+        for update in list(self._pop_updates.values()):
+            self.install_popularity(update)
 
-    def _plant_seed(self, asof_us: int) -> None:
-        self.popularity.seed(self._popularity_seed, asof_us)
-        self._popularity_seeded = True
+    def _seed_at(self, now_us: int) -> npt.NDArray[np.float64]:
+        """The model's popularity decayed from its as-of time to ``now_us``."""
+        seed = self._popularity_seed
+        hl = half_life_us_of(self.popularity_half_life_s)
+        if not self.live_popularity or hl == 0:
+            return seed.copy()
+        asof = next(
+            (t for t in (self._seed_asof_us, self._seed_fallback_us, self._first_us) if t),
+            None,
+        )
+        if asof is None:
+            return seed.copy()
+        with np.errstate(over="ignore", under="ignore"):
+            factor = min(float(np.exp2(-(now_us - asof) / hl)), np.finfo(np.float64).max)
+            out: npt.NDArray[np.float64] = seed * factor
+        return out
 
     def popularity_values(self) -> npt.NDArray[np.float64]:
-        """Live popularity of every catalog video at the latest event time (a new array)."""
-        n = len(self.catalog)
-        self.popularity.grow(n)
-        if not self._popularity_seeded:
+        """Live popularity of every catalog video at the latest event time (a new array);
+        before any event, at the newest shared count's as-of time."""
+        now = self.now_us
+        if now is None:
+            now = self.popularity_asof()
+        if now is None:
+            n = len(self.catalog)
             out = np.zeros(n, dtype=np.float64)
             out[: len(self._popularity_seed)] = self._popularity_seed
             return out
-        return self.popularity.values(self.now_us if self.now_us is not None else 0)[:n]
+        return self.popularity_at(now)
+
+    def popularity_at(self, now_us: int) -> npt.NDArray[np.float64]:
+        """Popularity of every catalog video at ``now_us``: the decayed seed plus the live
+        counts (a new array)."""
+        n = len(self.catalog)
+        self.popularity.grow(n)
+        out = self.popularity.values(now_us)[:n].copy()
+        seed = self._seed_at(now_us)
+        out[: len(seed)] += seed
+        return out
+
+    # ---- shared popularity -------------------------------------------------------------------
+
+    def take_popularity_pairs(self) -> list[PopularityPair]:
+        """The latest state of every pair whose positivity or ``since`` changed (or whose
+        event was replayed) since the last call, for the videos' owners."""
+        out: list[PopularityPair] = []
+        for user_id, item in self._pair_changes:
+            st = self.users.get(user_id)
+            if st is None:
+                continue  # forgotten (revoked) since: its new owner sends it
+            out.append(PopularityPair(self.catalog.items.id_of(item), user_id, st.since.get(item)))
+        self._pair_changes = {}
+        return out
+
+    def popularity_asof(self) -> int | None:
+        """The newest as-of time among the shared counts installed (None: none)."""
+        return max((u.asof_us for u in self._pop_updates.values()), default=None)
+
+    def install_popularity(self, update: PopularityUpdate) -> None:
+        """Install a video's shared count from its owner (kept across model swaps)."""
+        self._pop_updates[update.video_id] = update
+        if not self.shared_popularity:
+            return
+        idx = self.catalog.ensure(update.video_id)
+        self.popularity.set(idx, update.value, update.asof_us)
 
     @property
     def model_version(self) -> str:
@@ -209,6 +285,8 @@ class Recommender:
                 del self._older[gen]
             st.row = {self.catalog.ensure(items[i]): v for i, v in st.row.items()}
             st.touched = {self.catalog.ensure(items[i]): t for i, t in st.touched.items()}
+            st.pairs = {self.catalog.ensure(items[i]): f for i, f in st.pairs.items()}
+            st.since = {self.catalog.ensure(items[i]): t for i, t in st.since.items()}
             st.factors = None
             self.users[user_id] = st
             for i, v in st.row.items():
@@ -261,7 +339,13 @@ class Recommender:
         """Apply one event at a source position, telling a replay from a duplicate."""
         st = self.state_of(event.user_id)
         if partition >= 0 and partition == st.partition and offset <= st.offset:
-            return Applied.REPLAYED  # re-read after a restore: the state already reflects it
+            # Re-read after a restore: the state already reflects it. Its pair's record may
+            # not have been acknowledged before the crash: send the pair's state again.
+            if self.shared_popularity:
+                item = self.catalog.items.get(event.video_id)
+                if item is not None and item in st.pairs:
+                    self._pair_changes[event.user_id, item] = None
+            return Applied.REPLAYED
         if st.seen(event.event_id):
             return Applied.DUPLICATE
         item = self.catalog.ensure(event.video_id)
@@ -275,14 +359,11 @@ class Recommender:
         # matter, as the row's sum does not): the age recency decay uses.
         if ts_us > st.touched.get(item, UNKNOWN):
             st.touched[item] = ts_us
-        if not self._popularity_seeded:
-            self._plant_seed(ts_us)
+        if self._first_us is None:
+            self._first_us = ts_us
         if self.now_us is None or ts_us > self.now_us:
             self.now_us = ts_us
-        if self.live_popularity and self.weights.is_positive(
-            event.action, event.watch_seconds, self.catalog.duration_of(item)
-        ):
-            self.popularity.add(item, ts_us)
+        self._pair_event(event, st, item, ts_us)
         st.events_applied += 1
         st.remember(event.event_id, self.dedup_window)
         if partition >= 0:
@@ -290,6 +371,28 @@ class Recommender:
         if item in self.catalog.new:
             self.catalog.note_interaction(item, self.user_idx.add(event.user_id), st.row[item])
         return Applied.APPLIED
+
+    def _pair_event(self, event: RatingEvent, st: UserState, item: int, ts_us: int) -> None:
+        """Move the (user, video) pair's state (:meth:`Weights.pair_after`); count it in
+        popularity when it turns positive, take it back when it stops being positive."""
+        flags = st.pairs.get(item)
+        old = None if flags is None else PairState(*pair_of_flags(flags))
+        new = self.weights.pair_after(
+            old, event.action, event.watch_seconds, self.catalog.duration_of(item)
+        )
+        st.pairs[item] = pair_flags(new.reaction, new.reached)
+        was = old is not None and old.positive
+        if new.positive == was:
+            return
+        if new.positive:
+            st.since[item] = ts_us
+        since = st.since[item] if new.positive else st.since.pop(item)
+        if self.shared_popularity:
+            self._pair_changes[event.user_id, item] = None
+        elif self.live_popularity and new.positive:
+            self.popularity.add(item, since)
+        elif self.live_popularity:
+            self.popularity.remove(item, since)
 
     # ---- ranking -------------------------------------------------------------------------
 
@@ -612,6 +715,30 @@ class Recommender:
             for u in user_ids:
                 states.pop(u, None)
         self._older = [gen for gen in self._older if gen[1]]
+
+
+def seed_asof_us(model: Model) -> int | None:
+    """When the model's popularity counts are as of (µs): its newest training event
+    (``data_summary.event_time.max``), else its ``until``, else when it was written
+    (``created_at``); None for a model without a manifest (in-process tests), whose seed
+    is then as of the first event applied."""
+    summary = model.manifest.get("data_summary") or {}
+    candidates = [
+        (summary.get("event_time") or {}).get("max"),
+        summary.get("until"),
+        model.manifest.get("created_at"),
+    ]
+    for text in candidates:
+        if not text:
+            continue
+        try:
+            at = datetime.fromisoformat(str(text))
+        except ValueError:
+            continue
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=timezone.utc)
+        return int(at.timestamp()) * 1_000_000 + at.microsecond
+    return None
 
 
 def _register(catalog: Catalog, event: VideoEvent) -> int:

@@ -46,6 +46,12 @@ class UserState:
     # here has an unknown time (see worker.core.decay.UNKNOWN). Kept for every model, so
     # that a model swap to one with decay finds the times.
     touched: dict[int, int] = field(default_factory=dict)
+    # item_idx -> the pair's state (:func:`pair_flags`: last reaction and whether a view
+    # reached positive_fraction), for every pair with an event since the state began (not
+    # the bootstrap row's pairs, whose state is unknown: the model's popularity counts them).
+    pairs: dict[int, int] = field(default_factory=dict)
+    # item_idx -> when the pair became positive (µs), for the positive pairs among ``pairs``.
+    since: dict[int, int] = field(default_factory=dict)
 
     def seen(self, event_id: str) -> bool:
         return event_id in self.recent_ids
@@ -63,7 +69,7 @@ class UserState:
         """A JSON-ready snapshot, with videos by id (item indices differ across workers)."""
         items = list(self.row.items())
         return {
-            "v": 3,
+            "v": 4,
             "videos": [video_id_of(i) for i, _ in items],
             "values": [float(x) for _, x in items],
             "events_applied": self.events_applied,
@@ -71,6 +77,8 @@ class UserState:
             "partition": self.partition,
             "offset": self.offset,
             "times": [self.touched.get(i, UNKNOWN) for i, _ in items],
+            "pairs": [self.pairs.get(i, NO_PAIR) for i, _ in items],
+            "since": [self.since.get(i, UNKNOWN) for i, _ in items],
         }
 
     @classmethod
@@ -81,8 +89,15 @@ class UserState:
         # treats the history as touched together, at its oldest known time).
         times = record.get("times") or [UNKNOWN] * len(idx)
         touched = {i: int(t) for i, t in zip(idx, times, strict=True) if int(t) != UNKNOWN}
+        # Records before version 4 carry no pair states: every pair's is unknown, and a
+        # pair with an unknown state counts as one without events (not positive) until its
+        # next event. Popularity then counts it from the event that makes it positive.
+        flags = record.get("pairs") or [NO_PAIR] * len(idx)
+        since = record.get("since") or [UNKNOWN] * len(idx)
         return cls(
             touched=touched,
+            pairs={i: int(f) for i, f in zip(idx, flags, strict=True) if int(f) != NO_PAIR},
+            since={i: int(t) for i, t in zip(idx, since, strict=True) if int(t) != UNKNOWN},
             row=row,
             factors=None,
             events_applied=int(record["events_applied"]),
@@ -92,13 +107,31 @@ class UserState:
         )
 
 
-# Changelog value layout (version 3): a fixed header, the row values as float64, the
-# row's latest event times as int64 µs (UNKNOWN: not known), then the row's video ids
-# and the recent event ids, each joined by NUL. Wire ids are validated to hold no
-# control characters, so NUL never occurs inside one. Version 2 (no times) and version
-# 1 (compact JSON, a value starting with ``{``) are still read; their entries' times
-# are unknown.
-_MAGIC = b"RF\x03"
+#: ``pairs`` flag of a row entry without a pair state (bootstrap rows, older records).
+NO_PAIR = -1
+_REACTIONS = (None, "like", "neutral", "dislike")
+
+
+def pair_flags(reaction: str | None, reached: bool) -> int:
+    """A pair state (:class:`worker.core.scoring.PairState`) as a small int:
+    ``reaction code << 1 | reached`` (codes: none 0, like 1, neutral 2, dislike 3)."""
+    return _REACTIONS.index(reaction) << 1 | int(reached)
+
+
+def pair_of_flags(flags: int) -> tuple[str | None, bool]:
+    """The inverse of :func:`pair_flags`: ``(reaction, reached)``."""
+    return _REACTIONS[flags >> 1], bool(flags & 1)
+
+
+# Changelog value layout (version 4): a fixed header, the row values as float64, the
+# row's latest event times as int64 µs (UNKNOWN: not known), the row's pair states as
+# int8 (NO_PAIR: none) and the times they became positive as int64 µs (UNKNOWN: not
+# positive), then the row's video ids and the recent event ids, each joined by NUL. Wire
+# ids are validated to hold no control characters, so NUL never occurs inside one.
+# Version 3 (no pair states), version 2 (no times either) and version 1 (compact JSON, a
+# value starting with ``{``) are still read; what they lack is unknown.
+_MAGIC = b"RF\x04"
+_MAGIC_V3 = b"RF\x03"
 _MAGIC_V2 = b"RF\x02"
 _HEAD = struct.Struct("<3sqiqII")  # magic, events_applied, partition, offset, n_items, ids_len
 _SEP = "\x00"
@@ -118,6 +151,8 @@ def encode_state(state: UserState, video_id_of: Any) -> bytes:
         state.row.values(),
         state.recent_ids,
         [state.touched.get(i, UNKNOWN) for i in state.row],
+        [state.pairs.get(i, NO_PAIR) for i in state.row],
+        [state.since.get(i, UNKNOWN) for i in state.row],
     )
 
 
@@ -131,6 +166,8 @@ def encode_record(record: dict[str, Any]) -> bytes:
         record["values"],
         record["recent_ids"],
         record.get("times") or [UNKNOWN] * len(record["videos"]),
+        record.get("pairs") or [NO_PAIR] * len(record["videos"]),
+        record.get("since") or [UNKNOWN] * len(record["videos"]),
     )
 
 
@@ -142,6 +179,8 @@ def _pack(
     values: Iterable[float],
     recent: Iterable[str],
     times: Sequence[int],
+    pairs: Sequence[int],
+    since: Sequence[int],
 ) -> bytes:
     n = len(videos)
     video_bytes = _SEP.join(videos).encode("utf-8")
@@ -151,6 +190,8 @@ def _pack(
             head,
             struct.pack(f"<{n}d", *values),
             struct.pack(f"<{n}q", *times),
+            struct.pack(f"<{n}b", *pairs),
+            struct.pack(f"<{n}q", *since),
             video_bytes,
             _SEP.join(recent).encode("utf-8"),
         )
@@ -164,14 +205,21 @@ def decode_record(raw: bytes) -> dict[str, Any]:
         return record
     try:
         magic, applied, partition, offset, n, ids_len = _HEAD.unpack_from(raw)
-        if magic not in (_MAGIC, _MAGIC_V2):
+        if magic not in (_MAGIC, _MAGIC_V3, _MAGIC_V2):
             raise RecordError(f"unknown state record version {magic!r}")
         at = _HEAD.size
         values = list(struct.unpack_from(f"<{n}d", raw, at))
         at += 8 * n
         times = [UNKNOWN] * n
-        if magic == _MAGIC:
+        pairs = [NO_PAIR] * n
+        since = [UNKNOWN] * n
+        if magic in (_MAGIC, _MAGIC_V3):
             times = list(struct.unpack_from(f"<{n}q", raw, at))
+            at += 8 * n
+        if magic == _MAGIC:
+            pairs = list(struct.unpack_from(f"<{n}b", raw, at))
+            at += n
+            since = list(struct.unpack_from(f"<{n}q", raw, at))
             at += 8 * n
         videos = raw[at : at + ids_len].decode("utf-8").split(_SEP) if n else []
         tail = raw[at + ids_len :]
@@ -181,7 +229,7 @@ def decode_record(raw: bytes) -> dict[str, Any]:
     if len(videos) != n or at + ids_len > len(raw):
         raise RecordError("corrupt state record: lengths do not match")
     return {
-        "v": 3 if magic == _MAGIC else 2,
+        "v": {_MAGIC: 4, _MAGIC_V3: 3, _MAGIC_V2: 2}[magic],
         "videos": videos,
         "values": values,
         "events_applied": applied,
@@ -189,4 +237,6 @@ def decode_record(raw: bytes) -> dict[str, Any]:
         "partition": partition,
         "offset": offset,
         "times": times,
+        "pairs": pairs,
+        "since": since,
     }

@@ -58,6 +58,12 @@ F64 = npt.NDArray[np.float64]
 # ---- the live worker -------------------------------------------------------------------------
 
 
+# The replay checks each worker's lists against an in-process engine fed that worker's
+# own batches; shared popularity counts arrive a loop turn or more after the batch that
+# caused them, so cold-start lists would differ by timing. Each worker counts its own.
+_WORKER_ENV = {"REFOLD_SHARED_POPULARITY": "false"}
+
+
 @dataclass
 class LiveList:
     """A list read from the recommendations topic, with when it arrived."""
@@ -134,6 +140,8 @@ class LiveWorker:
             control=f"{prefix}.models",
             item_contributions=f"{prefix}.item-contributions",
             item_updates=f"{prefix}.item-updates",
+            popularity_pairs=f"{prefix}.popularity-pairs",
+            popularity=f"{prefix}.popularity",
         )
         self.group = f"{prefix}-worker"
         self.lists: list[LiveList] = []
@@ -185,19 +193,12 @@ class LiveWorker:
         t = self.topics
         # Created here with every worker's partition count, before any worker starts
         # (each worker would otherwise create them with its default of one partition).
+        single = {t.dlq, t.videos, t.control, t.item_updates, t.popularity}  # broadcast or DLQ
+        names = set(t.model_dump().values())
         ensure_topics(
             kafka,
-            {
-                t.ratings: self.partitions,
-                t.recommendations: self.partitions,
-                t.changelog: self.partitions,
-                t.dlq: 1,
-                t.videos: 1,
-                t.control: 1,
-                t.item_contributions: self.partitions,
-                t.item_updates: 1,
-            },
-            compacted={t.changelog, t.videos, t.control, t.item_contributions, t.item_updates},
+            {name: 1 if name in single else self.partitions for name in names},
+            compacted=names - {t.ratings, t.recommendations, t.dlq},
         )
         pkg_root = str(Path(__file__).resolve().parents[2])
         env = {
@@ -216,6 +217,7 @@ class LiveWorker:
             # as an owner's, worker.core.items), so its lists can be mirrored in-process
             # list for list; several share them through the owners, asynchronously.
             "REFOLD_SHARED_ITEMS": "true" if self.workers > 1 else "false",
+            **_WORKER_ENV,
             **self.extra_env,
         }
         self.log_paths = self._worker_log_paths()
