@@ -250,6 +250,8 @@ class ItemRole:
             )
         if updates:
             self.publisher.producer.poll(0)
+        if self.metrics is not None:
+            self.metrics.popularity_updates_out.inc(len(updates))
 
     def saw_popularity(self, update: PopularityUpdate) -> None:
         self.popularity.saw_update(update)

@@ -386,6 +386,7 @@ class Worker:
         if update is None:
             return
         self.engine.install_popularity(update)
+        self.metrics.popularity_updates_in.inc()
         if self.items is not None:
             self.items.saw_popularity(update)
 
@@ -613,12 +614,11 @@ class Worker:
         if self.items is not None and self.settings.shared_popularity:
             # Pairs that turned positive or stopped being positive, and those of replayed
             # events (their records may not have been acknowledged before a crash).
+            pairs = self.engine.take_popularity_pairs()
             send_popularity_pairs(
-                self.publisher,
-                self.topics.popularity_pairs,
-                self.items.n_pair_partitions,
-                self.engine.take_popularity_pairs(),
+                self.publisher, self.topics.popularity_pairs, self.items.n_pair_partitions, pairs
             )
+            self.metrics.popularity_pairs_out.inc(len(pairs))
         if self.items is not None and self.settings.shared_items:
             # Every reflected user (replayed ones too: their contribution may not have been
             # acknowledged before a crash) tells the owners of the new videos in their row.

@@ -78,6 +78,15 @@ class WorkerMetrics:
         self.item_updates_in = Counter(
             "refold_item_updates_in", "New-video factors installed from owners", registry=r
         )
+        self.popularity_pairs_out = Counter(
+            "refold_popularity_pairs_out", "Pair records sent to videos' owners", registry=r
+        )
+        self.popularity_updates_out = Counter(
+            "refold_popularity_updates_out", "Popularity counts published as owner", registry=r
+        )
+        self.popularity_updates_in = Counter(
+            "refold_popularity_updates_in", "Popularity counts installed from owners", registry=r
+        )
         self.new_videos_owned = Gauge(
             "refold_new_videos_owned", "New videos this worker owns (solves)", registry=r
         )
