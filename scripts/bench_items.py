@@ -77,6 +77,8 @@ def topic_env(prefix: str) -> dict[str, str]:
         "CONTROL": "models",
         "ITEM_CONTRIBUTIONS": "item-contributions",
         "ITEM_UPDATES": "item-updates",
+        "POPULARITY_PAIRS": "popularity-pairs",
+        "POPULARITY": "popularity",
     }
     return {f"REFOLD_TOPIC_{k}": f"{prefix}.{v}" for k, v in names.items()}
 

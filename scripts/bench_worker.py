@@ -256,6 +256,8 @@ def run_worker(
         "REFOLD_TOPIC_CONTROL": f"{prefix}.models",
         "REFOLD_TOPIC_ITEM_CONTRIBUTIONS": f"{prefix}.item-contributions",
         "REFOLD_TOPIC_ITEM_UPDATES": f"{prefix}.item-updates",
+        "REFOLD_TOPIC_POPULARITY_PAIRS": f"{prefix}.popularity-pairs",
+        "REFOLD_TOPIC_POPULARITY": f"{prefix}.popularity",
         "REFOLD_DURABLE": "true" if durable else "false",
         "REFOLD_FETCH_MAX_WAIT_MS": str(broker.worker_wait_ms),
     }
