@@ -72,7 +72,10 @@ def build_model(cache: Path) -> Path:
 
 
 def topic_names(prefix: str) -> dict[str, str]:
+    from worker.config import TopicSettings
+
     return {
+        **{name: f"{prefix}.{name}" for name in TopicSettings.model_fields},
         "ratings": f"{prefix}.ratings",
         "recommendations": f"{prefix}.recs",
         "videos": f"{prefix}.videos",
