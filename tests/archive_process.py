@@ -48,10 +48,11 @@ class ArchiveProcess:
         }
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
-        self._joined_before = 0
+        self._joined_before = self._rolled_before = 0
 
     def start(self) -> ArchiveProcess:
         self._joined_before = self._count("partitions assigned;")
+        self._rolled_before = self._count("worker.archive: roll ")
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "worker", "archive"],
@@ -75,6 +76,14 @@ class ArchiveProcess:
         while not self.joined():
             assert self.alive(), self.log_tail()
             assert time.monotonic() < deadline, "archive never joined:\n" + self.log_tail()
+            time.sleep(0.02)  # polling a log file; bounded by the deadline
+
+    def wait_rolled(self, timeout_s: float = 60.0) -> None:
+        """Until this process has written a roll."""
+        deadline = time.monotonic() + timeout_s
+        while self._count("worker.archive: roll ") <= self._rolled_before:
+            assert self.alive(), self.log_tail()
+            assert time.monotonic() < deadline, "archive wrote no roll:\n" + self.log_tail()
             time.sleep(0.02)  # polling a log file; bounded by the deadline
 
     def alive(self) -> bool:

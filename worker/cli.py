@@ -305,6 +305,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
+    # First: a stop signal during start-up is honoured, not fatal.
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: stopping.set())
     from worker.config import ArchiveSettings
 
     over = {
@@ -318,10 +322,6 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
         print(json.dumps(summary(settings.out), indent=2))
         return 0
-    # Before the heavy imports: a stop signal during start-up is honoured, not fatal.
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, f: stopping.set())
     from worker.archive import ArchiveRunner
     from worker.config import WorkerSettings
 
