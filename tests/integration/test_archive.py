@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.archive_process import (
+    T0,
     ArchiveProcess,
     archived_ids,
     archived_videos,
@@ -70,6 +71,16 @@ def test_archive_holds_each_valid_event_once_in_the_bootstrap_layout(
     assert inter.summary["rows_read"] == doc["rows"]["logs"]
     assert inter.summary["reactions"]["rows_read"] == doc["rows"]["reactions"]
     assert set(inter.items.ids) == stream.videos
+    # What retrain takes from ARCHIVE: its inputs, time range and event table.
+    from worker.eval.events import load_events
+    from worker.retrain import _archive_part, _time_range_us
+
+    logs = _archive_part(out, "logs")
+    assert logs == [str(out / "logs")] and _archive_part(out, "reactions")
+    lo, hi = _time_range_us(logs, "event_timestamp")
+    assert lo >= int(T0.timestamp() * 1e6) and hi > lo
+    table = load_events(logs, out / "videos", out / "reactions")
+    assert len(table) == len(stream.valid_ids)
 
 
 def test_restart_resumes_from_the_files_not_the_committed_offsets(
