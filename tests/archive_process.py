@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -78,10 +79,13 @@ class ArchiveProcess:
             assert time.monotonic() < deadline, "archive never joined:\n" + self.log_tail()
             time.sleep(0.02)  # polling a log file; bounded by the deadline
 
-    def wait_rolled(self, timeout_s: float = 60.0) -> None:
-        """Until this process has written a roll."""
+    def wait_rolled(self, timeout_s: float = 60.0, *, unless: Callable[[], bool]) -> None:
+        """Until this process has written a roll, or joined once ``unless()`` is true (no
+        more rows will come)."""
         deadline = time.monotonic() + timeout_s
-        while self._count("worker.archive: roll ") <= self._rolled_before:
+        while self._count("worker.archive: roll ") <= self._rolled_before and not (
+            unless() and self.joined()
+        ):
             assert self.alive(), self.log_tail()
             assert time.monotonic() < deadline, "archive wrote no roll:\n" + self.log_tail()
             time.sleep(0.02)  # polling a log file; bounded by the deadline
