@@ -304,6 +304,37 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return run(opts, _kafka(args), _topics(args).control, every, stopping)
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    # First: a stop signal during start-up is honoured, not fatal.
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: stopping.set())
+    from worker.config import ArchiveSettings
+
+    over = {
+        name: getattr(args, name)
+        for name in ArchiveSettings.model_fields
+        if getattr(args, name, None) is not None
+    }
+    settings = ArchiveSettings(**over)
+    if args.archive_command == "summary":
+        from worker.archive import summary
+
+        print(json.dumps(summary(settings.out), indent=2))
+        return 0
+    from worker.archive import ArchiveRunner
+    from worker.config import WorkerSettings
+
+    runner = ArchiveRunner(
+        settings=settings,
+        worker=WorkerSettings(),
+        kafka=_kafka(args),
+        topics=_topics(args),
+        stopping=stopping,
+    )
+    return runner.run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refold", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -390,8 +421,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bootstrap)
 
     _add_retrain(sub)
+    _add_archive(sub)
     _add_eval_commands(sub)
     return parser
+
+
+def _add_archive(sub: Any) -> None:
+    def common(p: argparse.ArgumentParser, **kw: Any) -> None:
+        p.add_argument("--out", type=Path, help="archive directory (env REFOLD_ARCHIVE_OUT)", **kw)
+
+    p = sub.add_parser(
+        "archive", help="write ratings and videos to Parquet (bootstrap layout), exactly once"
+    )
+    _add_kafka(p)
+    common(p)
+    p.add_argument("--group", help="consumer group (env REFOLD_ARCHIVE_GROUP)")
+    p.add_argument("--roll-rows", type=int, help="rows per file at most (default 100000)")
+    p.add_argument("--roll-seconds", type=float, help="seconds a row waits at most (default 60)")
+    p.add_argument(
+        "--keep-days", type=float, help="delete rating files older than N days (0: keep all)"
+    )
+    p.set_defaults(func=cmd_archive, archive_command=None)
+    actions = p.add_subparsers(dest="archive_command")
+    s = actions.add_parser("summary", help="rows, time range and offsets of an archive (JSON)")
+    common(s, default=argparse.SUPPRESS)  # either side of "summary"
 
 
 def _add_retrain(sub: Any) -> None:

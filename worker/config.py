@@ -211,13 +211,38 @@ class WorkerSettings(BaseSettings):
         return replace(base, **{k: v for k, v in over.items() if v is not None})
 
 
-ENV_PREFIXES = ("REFOLD_", "REFOLD_TOPIC_")
+class ArchiveSettings(BaseSettings):
+    """``refold archive``: the stream to Parquet. It also reads the worker's client
+    settings (``REFOLD_FETCH_MAX_WAIT_MS``, ``REFOLD_SESSION_TIMEOUT_MS``, ...) and its
+    ``REFOLD_DEDUP_WINDOW``, so it drops exactly the retries the worker drops."""
+
+    model_config = SettingsConfigDict(env_prefix="REFOLD_ARCHIVE_", extra="ignore")
+
+    out: Path = Field(default=Path("archive"), description="Archive directory.")
+    group: str = Field(
+        default="refold-archive", description="Consumer group (and client) id of the archive."
+    )
+    roll_rows: int = Field(
+        default=100_000, ge=1, description="Rows per roll at most (the rows held in memory)."
+    )
+    roll_seconds: float = Field(
+        default=60.0, gt=0, description="Seconds after its first row that a roll is written."
+    )
+    keep_days: float = Field(
+        default=0.0,
+        ge=0,
+        description="Delete rating rolls this many days older than the newest archived "
+        "event; 0 keeps everything.",
+    )
+
+
+ENV_PREFIXES = ("REFOLD_", "REFOLD_TOPIC_", "REFOLD_ARCHIVE_")
 
 
 def env_names() -> set[str]:
     """Every environment variable name the settings read (for the compose check)."""
     names: set[str] = set()
-    for cls in (KafkaSettings, TopicSettings, WorkerSettings):
+    for cls in (KafkaSettings, TopicSettings, WorkerSettings, ArchiveSettings):
         prefix = cls.model_config.get("env_prefix", "")
         names |= {f"{prefix}{f}".upper() for f in cls.model_fields}
     return names

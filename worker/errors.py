@@ -42,3 +42,7 @@ class BrokerError(RefoldError):
 
 class StateError(RefoldError):
     """Durable user state could not be restored or written."""
+
+
+class ArchiveError(RefoldError):
+    """The archive directory cannot be read or written consistently."""

@@ -125,3 +125,19 @@ def test_retrain_service_shares_the_models_volume_and_reads_the_archive():
     from worker.cli import build_parser
 
     build_parser().parse_args(cmd)  # the command line parses
+
+
+def test_archive_service_writes_the_volume_retrain_reads():
+    services = _compose()["services"]
+    cmd = services["archive"]["command"]
+    assert cmd[0] == "archive"
+    out = cmd[cmd.index("--out") + 1]
+    assert f"archive:{out}" in services["archive"]["volumes"]  # writable
+    retrain = services["retrain"]["command"]
+    assert retrain[retrain.index("--archive") + 1] == out  # same path in both containers
+    assert services["archive"]["environment"]["REFOLD_ARCHIVE_GROUP"] != (
+        services["worker"]["environment"].get("REFOLD_GROUP") or "refold-worker"
+    )  # a group of its own
+    from worker.cli import build_parser
+
+    build_parser().parse_args(cmd)

@@ -10,12 +10,12 @@ import pytest
 
 from tests.unit.test_notebook import SEED_SNIPPET_1, SEED_SNIPPET_2
 from worker.cli import build_parser
-from worker.config import KafkaSettings, TopicSettings, WorkerSettings
+from worker.config import ArchiveSettings, KafkaSettings, TopicSettings, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
-MAX_LINES = 300
+MAX_LINES = 320  # users' reference: commands, settings, wire formats; the rest in docs/
 
 
 def _code_blocks(text: str, lang: str) -> list[str]:
@@ -78,7 +78,7 @@ def _expected_default(value: object) -> str:
 def test_settings_table_covers_every_setting_with_its_default() -> None:
     table = _settings_table()
     expected = {}
-    for cls in (KafkaSettings, TopicSettings, WorkerSettings):
+    for cls in (KafkaSettings, TopicSettings, WorkerSettings, ArchiveSettings):
         prefix = cls.model_config.get("env_prefix", "")
         for name, field in cls.model_fields.items():
             expected[f"{prefix}{name}".upper()] = _expected_default(field.default)
